@@ -1,0 +1,183 @@
+"""Megatron-Core GPTModel providers for the Llama family, built from a Hugging Face config.
+
+`GPTModelProvider(arch, layout)(pre_process, post_process, vp_stage)` is the
+`model_provider` Megatron schedules and Megatron-LM's `get_model` expect. The model code knows
+nothing of files or conversion: weights arrive later through `dist_checkpointing` or the
+conversion tables.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rift_megatron.models.hf_config import ModelArchitecture, ModelConfigError
+from rift_megatron.parallel import ParallelLayout
+from rift_megatron.platform import Platform, current_platform
+
+# Megatron-LM pads the vocabulary to 128 x TP. We pad to a multiple of lcm(128, TP) instead:
+# the same for every power-of-two TP, so a checkpoint's embedding shape does not depend on the
+# layout it was saved with and dist_checkpointing can reshard it to any TP.
+VOCAB_PAD_MULTIPLE = 128
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
+    """Smallest size >= vocab_size divisible by `multiple` and by the tensor-parallel size."""
+    unit = math.lcm(multiple, tensor_parallel)
+    return -(-vocab_size // unit) * unit
+
+
+def validate_layout(arch: ModelArchitecture, layout: ParallelLayout) -> None:
+    """Refuse layouts Megatron cannot shard this model into, naming the config field."""
+    tp, src = layout.tensor, arch.source
+    checks = (
+        ("num_attention_heads", arch.num_attention_heads, tp, "tensor"),
+        ("num_key_value_heads", arch.num_kv_heads, tp, "tensor"),
+        ("intermediate_size", arch.ffn_hidden_size, tp, "tensor"),
+        ("num_hidden_layers", arch.num_layers, layout.pipeline * (layout.virtual_pipeline or 1),
+         "pipeline x virtual_pipeline"),
+    )
+    for field, value, divisor, what in checks:
+        if value % divisor:
+            raise ModelConfigError(
+                f"{src}: '{field}'={value} is not divisible by the {what} parallel size {divisor}"
+            )
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Parameter / compute dtype. On CPU we train in fp32 (bf16 matmuls are emulated and slow)."""
+
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+def build_transformer_config(
+    arch: ModelArchitecture,
+    layout: ParallelLayout,
+    precision: PrecisionConfig = PrecisionConfig(),
+    platform: Platform | None = None,
+):
+    """The Megatron `TransformerConfig` equivalent to the HF architecture."""
+    from megatron.core.transformer import TransformerConfig
+
+    platform = platform or current_platform()
+    validate_layout(arch, layout)
+    dtype = precision.torch_dtype
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=arch.attention_dropout,
+        init_method_std=arch.initializer_range,
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not platform.is_cuda,
+        # RIFT normalises by the token count Z of the whole global batch (RIFT.md): the schedule
+        # sums num_tokens over micro-batches and finalize_model_grads over data-parallel ranks.
+        calculate_per_token_loss=True,
+        # Kernel fusions need apex / TE kernels; keep them off so both platforms run the same math.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def layer_spec(platform: Platform):
+    """Transformer Engine layers on GPU, Megatron-Core's local (pure PyTorch) layers on CPU."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if platform.layer_impl == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def _llama3_inv_freq(arch: ModelArchitecture, rotary) -> torch.Tensor:
+    """Rotary inverse frequencies with llama3 scaling using the checkpoint's own parameters.
+
+    GPTModel only takes the scaling factor and hard-codes low/high frequency factors 1/4 and an
+    original context of 8192; checkpoints that differ must not be silently mis-rotated.
+    """
+    scaling = arch.rope_scaling
+    dim = arch.head_dim
+    base = 1.0 / (
+        arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rotary.inv_freq.device) / dim)
+    )
+    return rotary._apply_scaling(
+        base,
+        factor=scaling.factor,
+        low_freq_factor=scaling.low_freq_factor,
+        high_freq_factor=scaling.high_freq_factor,
+        original_max_position_embeddings=scaling.original_max_position_embeddings,
+    )
+
+
+class GPTModelProvider:
+    """Builds this rank's `GPTModel` (or one virtual-pipeline chunk of it)."""
+
+    def __init__(
+        self,
+        arch: ModelArchitecture,
+        layout: ParallelLayout,
+        precision: PrecisionConfig = PrecisionConfig(),
+        platform: Platform | None = None,
+    ) -> None:
+        self.arch = arch
+        self.layout = layout
+        self.platform = platform or current_platform()
+        self.config = build_transformer_config(arch, layout, precision, self.platform)
+        self.padded_vocab_size = padded_vocab_size(arch.vocab_size, layout.tensor)
+
+    def __call__(self, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None):
+        from megatron.core.models.gpt import GPTModel
+
+        arch = self.arch
+        model = GPTModel(
+            config=self.config,
+            transformer_layer_spec=layer_spec(self.platform),
+            vocab_size=self.padded_vocab_size,
+            max_sequence_length=arch.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,  # keep logits vocab-parallel: the loss never gathers them
+            share_embeddings_and_output_weights=arch.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=arch.rope_theta,
+            rope_scaling=arch.rope_scaling is not None,
+            rope_scaling_factor=arch.rope_scaling.factor if arch.rope_scaling else 8.0,
+            vp_stage=vp_stage,
+        )
+        if arch.rope_scaling is not None:
+            model.rotary_pos_emb.inv_freq = _llama3_inv_freq(arch, model.rotary_pos_emb)
+        return model

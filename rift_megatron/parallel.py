@@ -1,0 +1,122 @@
+"""torch.distributed and Megatron-Core parallel-state set-up.
+
+Works the same under `torchrun` (reads RANK / WORLD_SIZE / MASTER_ADDR from the environment) and
+as a plain single process (a one-rank group on a free loopback port), so `rift demo` and the
+tests need no launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from rift_megatron.platform import Platform, current_platform
+
+
+class ParallelConfigError(ValueError):
+    """A parallel layout that does not fit the world size or the model."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Model-parallel sizes; the data-parallel size is whatever the world size leaves."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None
+    sequence_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "pipeline"):
+            if getattr(self, name) < 1:
+                raise ParallelConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.virtual_pipeline is not None:
+            if self.virtual_pipeline < 2:
+                raise ParallelConfigError(
+                    f"parallel.virtual_pipeline must be None or >= 2, got {self.virtual_pipeline}"
+                )
+            if self.pipeline < 2:
+                raise ParallelConfigError("parallel.virtual_pipeline needs parallel.pipeline >= 2")
+        if self.sequence_parallel and self.tensor < 2:
+            raise ParallelConfigError("parallel.sequence_parallel needs parallel.tensor >= 2")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor * self.pipeline
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP = world / (TP x PP); raises a readable error when that does not divide."""
+        if world_size % self.model_parallel_size:
+            raise ParallelConfigError(
+                f"world size {world_size} is not divisible by tensor ({self.tensor}) x "
+                f"pipeline ({self.pipeline}) = {self.model_parallel_size}"
+            )
+        return world_size // self.model_parallel_size
+
+
+def _free_loopback_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout: timedelta = timedelta(minutes=30)) -> Platform:
+    """Create the default process group (idempotent) with the platform's backend."""
+    platform = current_platform()
+    if dist.is_initialized():
+        return platform
+    platform.bind_local_device()
+    if "WORLD_SIZE" in os.environ:  # torchrun / Slurm with the env:// variables set
+        dist.init_process_group(backend=platform.backend, timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend=platform.backend,
+            init_method=f"tcp://127.0.0.1:{_free_loopback_port()}",
+            rank=0,
+            world_size=1,
+            timeout=timeout,
+        )
+    return platform
+
+
+def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
+    """Initialise Megatron's TP/PP/DP groups for `layout` and seed its RNG tracker.
+
+    `model_parallel_cuda_manual_seed` also reseeds the CPU generator on CPU (see cpu_compat), so
+    anything else that needs seeding must be seeded after this call.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    layout.data_parallel_size(dist.get_world_size())
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's groups (the default process group stays)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+
+
+def is_main_rank() -> bool:
+    """Rank 0 of the world (or a process without torch.distributed)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place SUM all-reduce that is a no-op without a process group."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor

@@ -1,0 +1,1 @@
+"""Megatron-Core training: set-up, the RIFT step, checkpoints."""

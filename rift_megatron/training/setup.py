@@ -1,0 +1,181 @@
+"""Build what one training process holds: model chunks under Megatron DDP, optimizer, scheduler.
+
+This follows Megatron-LM's `get_model` / `setup_model_and_optimizer` closely so a Megatron user
+recognises every piece: one model chunk per virtual pipeline stage, `Float16Module` for bf16/fp16,
+`DistributedDataParallel` with the distributed optimizer on by default, `get_megatron_optimizer`,
+`OptimizerParamScheduler`, and `finalize_model_grads` wired into the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rift_megatron.models.hf_config import ModelArchitecture
+from rift_megatron.models.provider import GPTModelProvider, PrecisionConfig
+from rift_megatron.parallel import ParallelLayout
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Adam + LR schedule. Steps are optimizer steps (one per global batch)."""
+
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_warmup_steps: int = 0
+    lr_decay_steps: int | None = None
+    lr_decay_style: str = "constant"
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(
+                f"optim.lr_decay_style must be one of {LR_DECAY_STYLES}, got {self.lr_decay_style!r}"
+            )
+        if self.clip_grad < 0:
+            raise ValueError(f"optim.clip_grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
+
+
+@dataclass
+class TrainState:
+    """Everything `train_step` needs; `model` has one DDP-wrapped chunk per virtual stage."""
+
+    provider: GPTModelProvider
+    model: list
+    optimizer: object
+    scheduler: object
+    step: int = 0
+
+    @property
+    def config(self):
+        return self.provider.config
+
+    def unwrapped_chunks(self) -> list[torch.nn.Module]:
+        """The GPTModel chunks without DDP / Float16Module (for sharded_state_dict and I/O)."""
+        from megatron.core.utils import unwrap_model
+
+        return unwrap_model(self.model)
+
+
+def build_model_chunks(provider: GPTModelProvider) -> list[torch.nn.Module]:
+    """This rank's GPTModel chunk(s): one per virtual pipeline stage, like Megatron-LM's get_model."""
+    from megatron.core import parallel_state as ps
+
+    vpp = provider.layout.virtual_pipeline
+    stages = range(vpp) if vpp else [None]
+    chunks = []
+    for vp_stage in stages:
+        chunks.append(
+            provider(
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            )
+        )
+    device = provider.platform.device()
+    for chunk in chunks:
+        chunk.to(device)
+    return chunks
+
+
+def wrap_for_training(provider: GPTModelProvider, chunks: list[torch.nn.Module], optim: OptimConfig) -> list:
+    """Float16Module (bf16/fp16 only) then Megatron DDP around each chunk."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    config = provider.config
+    if config.bf16 or config.fp16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=optim.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+    )
+    return [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Megatron-LM: only the first chunk's buckets overlap with the backward pass.
+            disable_bucketing=index > 0,
+        )
+        for index, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(provider: GPTModelProvider, model: list, optim: OptimConfig, total_steps: int):
+    """Megatron optimizer (distributed by default) and its LR / weight-decay scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = provider.config
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1,
+            adam_beta2=optim.adam_beta2,
+            adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad,
+            use_distributed_optimizer=optim.use_distributed_optimizer,
+            bf16=config.bf16,
+            fp16=config.fp16,
+            params_dtype=config.params_dtype,
+        ),
+        model,
+    )
+    decay_steps = optim.lr_decay_steps or max(total_steps, optim.lr_warmup_steps + 1)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.lr_warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.lr_warmup_steps,
+        lr_decay_steps=decay_steps,
+        lr_decay_style=optim.lr_decay_style,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def _wire_schedule_hooks(config, model: list, optimizer) -> None:
+    """The config callbacks Megatron's schedules call (as Megatron-LM's training.py sets them)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    no_sync = [chunk.no_sync for chunk in model]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+
+def setup_training(
+    arch: ModelArchitecture,
+    layout: ParallelLayout,
+    optim: OptimConfig,
+    precision: PrecisionConfig = PrecisionConfig(),
+    total_steps: int = 1,
+) -> TrainState:
+    """Model + optimizer + scheduler for an initialised `init_model_parallel(layout)`."""
+    provider = GPTModelProvider(arch, layout, precision)
+    model = wrap_for_training(provider, build_model_chunks(provider), optim)
+    optimizer, scheduler = build_optimizer(provider, model, optim, total_steps)
+    _wire_schedule_hooks(provider.config, model, optimizer)
+    return TrainState(provider=provider, model=model, optimizer=optimizer, scheduler=scheduler)

@@ -1,0 +1,105 @@
+"""One optimizer step of the RIFT family on Megatron-Core (any TP / PP / VPP / DP layout).
+
+The shape is Megatron-LM's `train_step`: zero the grad buffers, run `forward_backward_func` over
+the micro-batches with our `forward_step(data_iterator, model)`, step the optimizer and the LR
+scheduler. What is RIFT-specific: the global token counts are computed once before the schedule
+runs (so the loss does not depend on how the batch is split), and the per-step metrics are the
+loss parts a RIFT user wants to watch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.distributed as dist
+
+from rift_megatron.loss import LossSettings, count_sign_tokens, make_loss_func, reduce_loss_reports
+from rift_megatron.parallel import all_reduce_sum
+from rift_megatron.training.batch import TrainBatch, split_micro_batches, validate_batch
+from rift_megatron.training.setup import TrainState
+
+
+def global_sign_token_counts(batch: Mapping[str, torch.Tensor], settings: LossSettings, dp_group) -> tuple[int, int]:
+    """(Z_pos, Z_neg) of the whole global batch: this rank's counts summed over data parallel."""
+    counts = torch.stack(
+        count_sign_tokens(batch["rewards"], batch["loss_mask"], algorithm=settings.algorithm)
+    ).to(torch.int64)
+    all_reduce_sum(counts, group=dp_group)
+    return int(counts[0]), int(counts[1])
+
+
+def _broadcast_from_last_stage(metrics: dict[str, float] | None) -> dict[str, float]:
+    """Give every pipeline stage the metrics only the last stage computed (for logging anywhere)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return metrics
+    holder = [metrics]
+    dist.broadcast_object_list(
+        holder, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+    )
+    return holder[0]
+
+
+def train_step(
+    state: TrainState,
+    batch: TrainBatch,
+    settings: LossSettings,
+    micro_batch_size: int,
+) -> dict[str, float]:
+    """Train on this data-parallel rank's share `batch` of the global batch; return step metrics.
+
+    A global batch with no loss tokens (e.g. every reward 0 under rift) carries no signal: the
+    optimizer step is skipped (Adam would otherwise still move the weights with its momentum),
+    and `skipped` is 1 in the metrics.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    validate_batch(batch)
+    micro_batches = split_micro_batches(batch, micro_batch_size)
+    dp_group = ps.get_data_parallel_group()
+    tp_group = ps.get_tensor_model_parallel_group()
+    counts = global_sign_token_counts(batch, settings, dp_group)
+    sign_counts = counts if settings.normalization == "per_sign" else None
+    vocab_size = state.provider.arch.vocab_size
+
+    def forward_step(data_iterator, model):
+        micro_batch = next(data_iterator)
+        output = model(micro_batch["tokens"], micro_batch["position_ids"], None)
+        loss_func = make_loss_func(
+            micro_batch, settings, vocab_size=vocab_size, tp_group=tp_group, sign_token_counts=sign_counts
+        )
+        return output, loss_func
+
+    iterators = [iter(micro_batches) for _ in state.model]
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=state.model if len(state.model) > 1 else state.model[0],
+        num_microbatches=len(micro_batches),
+        seq_length=batch["tokens"].shape[1],
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    skipped = sum(counts) == 0
+    grad_norm = 0.0
+    if not skipped:
+        update_successful, grad_norm, _ = state.optimizer.step()
+        skipped = not update_successful
+        if update_successful:
+            state.scheduler.step(increment=1)
+    state.step += 1
+    metrics = reduce_loss_reports(reports, group=dp_group) if ps.is_pipeline_last_stage() else None
+    metrics = dict(_broadcast_from_last_stage(metrics))
+    metrics.update(
+        step=state.step,
+        grad_norm=float(grad_norm or 0.0),
+        lr=float(state.optimizer.param_groups[0]["lr"]),
+        skipped=float(skipped),
+    )
+    return metrics
