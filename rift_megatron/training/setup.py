@@ -9,12 +9,14 @@ recognises every piece: one model chunk per virtual pipeline stage, `Float16Modu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from rift_megatron.models.hf_config import ModelArchitecture
 from rift_megatron.models.provider import GPTModelProvider, PrecisionConfig
 from rift_megatron.parallel import ParallelLayout
+from rift_megatron.training.checkpoint import load_model_checkpoint
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
 
@@ -172,10 +174,20 @@ def setup_training(
     optim: OptimConfig,
     precision: PrecisionConfig = PrecisionConfig(),
     total_steps: int = 1,
+    initial_weights: str | Path | None = None,
 ) -> TrainState:
-    """Model + optimizer + scheduler for an initialised `init_model_parallel(layout)`."""
+    """Model + optimizer + scheduler for an initialised `init_model_parallel(layout)`.
+
+    `initial_weights` (a dist_checkpointing model checkpoint saved at any layout) is loaded
+    before DDP and the optimizer are built, so their buffers and main params start from it.
+    Without it the weights come from Megatron's seeded initialisation, which differs between
+    pipeline layouts: compare layouts by loading the same weights.
+    """
     provider = GPTModelProvider(arch, layout, precision)
-    model = wrap_for_training(provider, build_model_chunks(provider), optim)
+    chunks = build_model_chunks(provider)
+    if initial_weights is not None:
+        load_model_checkpoint(chunks, initial_weights)
+    model = wrap_for_training(provider, chunks, optim)
     optimizer, scheduler = build_optimizer(provider, model, optim, total_steps)
     _wire_schedule_hooks(provider.config, model, optimizer)
     return TrainState(provider=provider, model=model, optimizer=optimizer, scheduler=scheduler)
