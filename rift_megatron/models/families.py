@@ -3,7 +3,7 @@
 All three share Megatron-Core's GPT block (RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query
 attention); they differ only in the switches below. Adding a family that fits this shape is one
 entry here; one that does not (MoE, sliding-window attention used for real, other activations)
-needs its own module and is refused by `parse_hf_config` until it exists.
+is refused by `parse_hf_config` until it has its own module.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ class Family:
 
     name: str
     hf_model_type: str
-    # q/k/v biases: fixed for the family (field None) or switched by a config.json field.
+    # q/k/v biases: fixed for the family. `qkv_bias_field` names a config.json switch that
+    # parse_hf_config refuses when true (Llama's attention_bias also biases o_proj).
     qkv_bias_default: bool
     qkv_bias_field: str | None
     tied_embeddings_default: bool
-    # Field that must be true for `sliding_window` to be in effect (None: `sliding_window` alone
-    # decides, as in Mistral).
+    # Field that switches a per-layer sliding window on (Qwen2: refused, since Megatron's window
+    # applies to every layer). None: `sliding_window` alone decides and applies to every layer,
+    # as in Mistral.
     sliding_window_flag: str | None = None
 
 

@@ -85,6 +85,13 @@ def _require(config: dict[str, Any], key: str, kind: type, source: str) -> Any:
     return value
 
 
+def _optional(config: dict[str, Any], key: str, kind: type, default: Any, source: str) -> Any:
+    """Like `_require`, but an absent or null field takes `default` (HF's own convention)."""
+    if config.get(key) is None:
+        return default
+    return _require(config, key, kind, source)
+
+
 def _rope_settings(config: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
     """Rope base and scaling from either layout.
 
@@ -94,8 +101,10 @@ def _rope_settings(config: dict[str, Any], source: str) -> tuple[float, RopeScal
     """
     params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or {}
-    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
-    if "rope_theta" in config and "rope_theta" in params and config["rope_theta"] != params["rope_theta"]:
+    theta = _optional(config, "rope_theta", float, None, source)
+    if theta is None:
+        theta = _optional(params, "rope_theta", float, 10000.0, f"{source}: rope_parameters")
+    elif params.get("rope_theta") is not None and theta != params["rope_theta"]:
         raise ModelConfigError(
             f"{source}: 'rope_theta'={config['rope_theta']} disagrees with "
             f"'rope_parameters.rope_theta'={params['rope_theta']}"
@@ -134,13 +143,14 @@ def parse_hf_config(config: dict[str, Any], source: str = "config.json") -> Mode
         )
     hidden = _require(config, "hidden_size", int, source)
     heads = _require(config, "num_attention_heads", int, source)
-    kv_heads = config.get("num_key_value_heads") or heads
-    if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+    # Absent or null means multi-head attention (transformers does the same); 0 is an error.
+    kv_heads = _optional(config, "num_key_value_heads", int, heads, source)
+    if heads % kv_heads:
         raise ModelConfigError(
             f"{source}: 'num_attention_heads'={heads} must be a multiple of "
             f"'num_key_value_heads'={kv_heads}"
         )
-    head_dim = config.get("head_dim") or hidden // heads
+    head_dim = _optional(config, "head_dim", int, hidden // heads, source)
     if config.get("head_dim") is None and hidden % heads:
         raise ModelConfigError(
             f"{source}: 'hidden_size'={hidden} is not divisible by 'num_attention_heads'={heads} "
@@ -151,9 +161,21 @@ def parse_hf_config(config: dict[str, Any], source: str = "config.json") -> Mode
         raise ModelConfigError(f"{source}: 'hidden_act'={hidden_act!r} is not supported (only silu)")
     if config.get("mlp_bias"):
         raise ModelConfigError(f"{source}: 'mlp_bias'=true is not supported")
+    if family.qkv_bias_field and config.get(family.qkv_bias_field):
+        # Llama's attention_bias also puts a bias on o_proj, which Megatron's add_qkv_bias does
+        # not create: accepting it would silently drop those weights.
+        raise ModelConfigError(
+            f"{source}: '{family.qkv_bias_field}'=true is not supported for {architecture} "
+            "(it adds an output-projection bias as well as q/k/v biases)"
+        )
     rope_theta, rope_scaling = _rope_settings(config, source)
-    sliding_window = config.get("sliding_window")
-    if family.sliding_window_flag and not config.get(family.sliding_window_flag, False):
+    sliding_window = _optional(config, "sliding_window", int, None, source)
+    if family.sliding_window_flag:
+        if config.get(family.sliding_window_flag):
+            raise ModelConfigError(
+                f"{source}: '{family.sliding_window_flag}'=true is not supported for {architecture} "
+                "(its sliding window covers only some layers)"
+            )
         sliding_window = None
     return ModelArchitecture(
         architecture=architecture,
@@ -166,10 +188,12 @@ def parse_hf_config(config: dict[str, Any], source: str = "config.json") -> Mode
         head_dim=head_dim,
         ffn_hidden_size=_require(config, "intermediate_size", int, source),
         max_position_embeddings=_require(config, "max_position_embeddings", int, source),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=_optional(config, "rms_norm_eps", float, 1e-6, source),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", family.tied_embeddings_default)),
+        tie_word_embeddings=_optional(
+            config, "tie_word_embeddings", bool, family.tied_embeddings_default, source
+        ),
         qkv_bias=bool(config.get(family.qkv_bias_field, family.qkv_bias_default))
         if family.qkv_bias_field
         else family.qkv_bias_default,

@@ -8,6 +8,7 @@ conversion tables.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -96,6 +97,9 @@ def build_transformer_config(
         pipeline_model_parallel_size=layout.pipeline,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
         sequence_parallel=layout.sequence_parallel,
+        # HF's sliding window lets token i see tokens i - (window - 1) .. i; Megatron's
+        # (left, right) window counts the tokens to each side.
+        window_size=(arch.sliding_window - 1, 0) if arch.sliding_window else None,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -119,6 +123,11 @@ def layer_spec(platform: Platform):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if platform.layer_impl == "transformer_engine":
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise RuntimeError(
+                "CUDA is available but Transformer Engine is not installed; "
+                "install the GPU extras: pip install -e '.[gpu]'"
+            )
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
 
