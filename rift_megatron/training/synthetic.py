@@ -1,4 +1,9 @@
-"""Fixed, seeded training batches shared by the tests (mixed rewards, ragged prompts/responses)."""
+"""A fixed, seeded training batch with every sign of reward (for the quick-start run and tests).
+
+It is not a task: tokens are random. It exists so a newcomer can see the RIFT step work on any
+machine in seconds, and so tests of the step have one shared, realistic batch shape (ragged
+prompts, right padding, positive / negative / zero rewards).
+"""
 
 from __future__ import annotations
 
