@@ -112,7 +112,7 @@ def _patch_synchronize() -> None:
 
 def _patch_tensor_cuda() -> None:
     # `.cuda()` moves tensors to "the accelerator" (tied-embedding sync with PP>1, optimizer-state
-    # reload, tensor_parallel.broadcast_data). Here the accelerator is the CPU.
+    # reload). Here the accelerator is the CPU.
     torch.Tensor.cuda = lambda self, device=None, non_blocking=False, memory_format=None: self
 
 
