@@ -7,6 +7,12 @@ import sys
 import warnings
 
 from rift_megatron import __version__
+from rift_megatron.convert import cli as convert_cli
+from rift_megatron.convert.errors import ConversionError
+from rift_megatron.models.hf_config import ModelConfigError
+from rift_megatron.staging import OutputExistsError
+
+USER_ERRORS = (ConversionError, ModelConfigError, OutputExistsError)
 
 _DEMO_COLUMNS = (
     ("step", "step", "{:.0f}"),
@@ -72,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     demo.set_defaults(handler=_demo)
+    convert_cli.register(commands)
     return parser
 
 
@@ -81,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except USER_ERRORS as error:
+        # Bad input is reported as one clear line naming the file / field, not a traceback.
+        print(f"rift {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

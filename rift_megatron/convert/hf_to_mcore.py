@@ -1,0 +1,235 @@
+"""Hugging Face safetensors checkpoint -> Megatron-Core `dist_checkpointing` checkpoint.
+
+Streaming: every Megatron parameter is assembled from its HF tensors only when the checkpoint
+writer reaches it, so a process holds about one parameter at a time. With `nproc > 1` the
+parameters are split by size across processes that write one checkpoint together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rift_megatron import __version__
+from rift_megatron.convert.checkpoint_files import (
+    HF_ASSETS,
+    MANIFEST,
+    copy_hf_assets,
+    load_architecture,
+    write_json,
+)
+from rift_megatron.convert.dcp_writer import LazyChunk, LazyObject, write_megatron_checkpoint
+from rift_megatron.convert.errors import ConversionError
+from rift_megatron.convert.layout import chunk_data, sharded_model_state, stored_layout
+from rift_megatron.convert.mapping import IGNORED_HF_SUFFIXES, ParamMapping, expand
+from rift_megatron.convert.megatron_world import tp1_megatron_world
+from rift_megatron.convert.safetensors_io import DTYPES, HFCheckpointReader
+from rift_megatron.models.hf_config import ModelArchitecture
+from rift_megatron.staging import check_writable, staged_directory
+
+TARGET_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    """A validated HF checkpoint: its architecture, tensor index and the mappings that apply."""
+
+    hf_dir: Path
+    arch: ModelArchitecture
+    reader: HFCheckpointReader
+    mappings: tuple[ParamMapping, ...]
+
+
+def inspect_source(hf_dir: str | Path) -> SourceModel:
+    """Read config and safetensors headers and check every tensor before converting anything."""
+    hf_dir = Path(hf_dir)
+    arch = load_architecture(hf_dir)
+    reader = HFCheckpointReader(hf_dir)
+    mappings = tuple(expand(arch))
+    expected = {name: shape for m in mappings for name, shape in zip(m.hf, m.hf_shapes(arch))}
+    present = set(reader.names())
+    for name, shape in expected.items():
+        if name not in present:
+            raise ConversionError(f"{hf_dir}: tensor {name!r} is missing (config.json describes a {arch.architecture} "
+                                  f"with {arch.num_layers} layers)")
+        found = reader.info(name).shape
+        if tuple(found) != tuple(shape):
+            raise ConversionError(
+                f"{reader.info(name).file}: tensor {name!r} has shape {list(found)}, but config.json implies {list(shape)}"
+            )
+    for name in sorted(present - set(expected)):
+        if name.endswith(IGNORED_HF_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and arch.tie_word_embeddings:
+            if not torch.equal(reader.read(name), reader.read("model.embed_tokens.weight")):
+                raise ConversionError(
+                    f"{hf_dir}: config.json says tie_word_embeddings=true but lm_head.weight differs from "
+                    "model.embed_tokens.weight; converting would silently drop the head"
+                )
+            continue
+        raise ConversionError(f"{reader.info(name).file}: unexpected tensor {name!r} for {arch.architecture}; "
+                              "refusing to drop it silently")
+    return SourceModel(hf_dir, arch, reader, mappings)
+
+
+def resolve_target_dtype(dtype: str | None, source: SourceModel) -> torch.dtype:
+    """The stored dtype: `--dtype` if given, else the source tensors' own dtype."""
+    if dtype is not None:
+        if dtype not in TARGET_DTYPES:
+            raise ConversionError(f"--dtype must be one of {sorted(TARGET_DTYPES)}, got {dtype!r}")
+        return TARGET_DTYPES[dtype]
+    return source.reader.info(source.mappings[0].hf[0]).dtype
+
+
+def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Cast, refusing values the target dtype cannot hold (fp16 overflow becomes inf silently)."""
+    cast = tensor.to(dtype)
+    if dtype.is_floating_point and not torch.isfinite(cast).all() and torch.isfinite(tensor).all():
+        largest = tensor.abs().max().item()
+        raise ConversionError(
+            f"tensor {name!r}: values up to {largest:.4g} overflow {dtype} (max {torch.finfo(dtype).max:.4g}); "
+            "choose a wider --dtype"
+        )
+    return cast
+
+
+class _ChunkSource:
+    """Produces stored chunks of this rank's parameters on demand, one parameter in memory."""
+
+    def __init__(self, source: SourceModel, state: dict, dtype: torch.dtype) -> None:
+        self.source, self.state, self.dtype = source, state, dtype
+        self.checksums: dict[str, str] = {}
+        self._cached: tuple[str, dict] | None = None
+
+    def chunk(self, mapping: ParamMapping, offsets: tuple[int, ...]) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != mapping.megatron:
+            tensors = [self._read(name) for name in mapping.hf]
+            full = cast_checked(mapping.to_megatron(tensors, self.source.arch), self.dtype, mapping.hf[0])
+            self._cached = (mapping.megatron, chunk_data(self.state, mapping.megatron, full))
+        return self._cached[1][offsets]
+
+    def _read(self, name: str) -> torch.Tensor:
+        tensor = self.source.reader.read(name)
+        self.checksums[name] = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
+        return tensor
+
+
+def _assign_to_ranks(mappings: tuple[ParamMapping, ...], source: SourceModel, world: int) -> list[list[ParamMapping]]:
+    """Largest-first greedy split of the parameters by bytes, so ranks finish together."""
+    sizes = {m.megatron: sum(source.reader.info(name).nbytes for name in m.hf) for m in mappings}
+    shares: list[list[ParamMapping]] = [[] for _ in range(world)]
+    loads = [0] * world
+    for mapping in sorted(mappings, key=lambda m: -sizes[m.megatron]):
+        rank = loads.index(min(loads))
+        shares[rank].append(mapping)
+        loads[rank] += sizes[mapping.megatron]
+    return shares
+
+
+def _write_rank_share(source: SourceModel, staging: Path, dtype: torch.dtype) -> dict[str, str]:
+    """Collective: write this rank's share of the checkpoint; return its tensors' checksums."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    state = sharded_model_state(source.arch)
+    chunks, objects = stored_layout(state)
+    if set(chunks) != {m.megatron for m in source.mappings}:
+        raise RuntimeError(f"mapping table and Megatron model disagree: {sorted(set(chunks) ^ {m.megatron for m in source.mappings})}")
+    producer = _ChunkSource(source, state, dtype)
+    lazy = [
+        LazyChunk(c.key, c.offsets, c.sizes, c.global_shape, dtype,
+                  produce=lambda m=mapping, offsets=c.offsets: producer.chunk(m, offsets))
+        for mapping in _assign_to_ranks(source.mappings, source, world)[rank]
+        for c in chunks[mapping.megatron]
+    ]
+    lazy_objects = [LazyObject(o.unique_key, o.data) for o in objects] if rank == 0 else []
+    write_megatron_checkpoint(staging, lazy, lazy_objects)
+    return producer.checksums
+
+
+def _manifest(source: SourceModel, dtype: torch.dtype, checksums: dict[str, str], copied: list[str]) -> dict:
+    from rift_megatron.models.provider import padded_vocab_size
+
+    arch, reader = source.arch, source.reader
+    return {
+        "format": "megatron-core dist_checkpointing torch_dist (written by rift convert hf-to-mcore)",
+        "rift_megatron_version": __version__,
+        "source": str(source.hf_dir.resolve()),
+        "architecture": arch.architecture,
+        "family": arch.family.name,
+        "dtype": _DTYPE_NAMES[dtype],
+        "vocab_size": arch.vocab_size,
+        "padded_vocab_size": padded_vocab_size(arch.vocab_size, 1),
+        "num_parameters": arch.num_parameters(),
+        "hf_assets": copied,
+        "tensors": [
+            {
+                "name": name,
+                "megatron_param": mapping.megatron,
+                "shape": list(reader.info(name).shape),
+                "dtype": _DTYPE_NAMES[reader.info(name).dtype],
+                "sha256": checksums[name],
+            }
+            for mapping in source.mappings
+            for name in mapping.hf
+        ],
+    }
+
+
+def _spawned_rank(rank: int, world: int, port: int, hf_dir: str, staging: str, dtype: torch.dtype, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    source = inspect_source(hf_dir)
+    with tp1_megatron_world():
+        results.put(_write_rank_share(source, Path(staging), dtype))
+
+
+def _write_with_processes(source: SourceModel, staging: Path, dtype: torch.dtype, nproc: int) -> dict[str, str]:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    try:
+        mp.start_processes(_spawned_rank, args=(nproc, port, str(source.hf_dir), str(staging), dtype, results),
+                           nprocs=nproc, start_method="spawn")
+    except mp.ProcessRaisedException as error:
+        raise ConversionError(f"a conversion process failed:\n{error}") from None
+    checksums: dict[str, str] = {}
+    while not results.empty():
+        checksums.update(results.get())
+    return checksums
+
+
+def convert_hf_to_mcore(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    nproc: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Convert; returns the output directory. Raises ConversionError naming the bad input."""
+    out_dir = Path(out_dir)
+    if nproc < 1:
+        raise ConversionError(f"--nproc must be >= 1, got {nproc}")
+    check_writable(out_dir, overwrite)
+    source = inspect_source(hf_dir)
+    target = resolve_target_dtype(dtype, source)
+    with staged_directory(out_dir, overwrite) as staging:
+        if nproc == 1:
+            with tp1_megatron_world():
+                checksums = _write_rank_share(source, staging, target)
+        else:
+            checksums = _write_with_processes(source, staging, target, nproc)
+        copied = copy_hf_assets(source.hf_dir, staging / HF_ASSETS)
+        write_json(staging / MANIFEST, _manifest(source, target, checksums, copied))
+    return out_dir
