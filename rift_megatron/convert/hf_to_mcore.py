@@ -8,6 +8,7 @@ parameters are split by size across processes that write one checkpoint together
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ from rift_megatron.convert.checkpoint_files import (
 )
 from rift_megatron.convert.dcp_writer import LazyChunk, LazyObject, write_megatron_checkpoint
 from rift_megatron.convert.errors import ConversionError
-from rift_megatron.convert.layout import chunk_data, sharded_model_state, stored_layout
-from rift_megatron.convert.mapping import IGNORED_HF_SUFFIXES, ParamMapping, expand
+from rift_megatron.convert.layout import StoredChunk, sharded_model_state, stored_layout
+from rift_megatron.convert.mapping import IGNORED_HF_SUFFIXES, ParamMapping, expand, megatron_rows
 from rift_megatron.convert.megatron_world import tp1_megatron_world
 from rift_megatron.convert.safetensors_io import DTYPES, HFCheckpointReader
 from rift_megatron.models.hf_config import ModelArchitecture
@@ -100,25 +101,63 @@ def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.T
     return cast
 
 
+# Stored chunks larger than this are written as row blocks, each assembled from just the HF rows
+# it needs, so memory does not grow with the largest tensor (a 128k x 8k embedding is 2 GB).
+STREAM_BLOCK_BYTES = 128 * 2**20
+
+
+class _StreamingChecksums:
+    """sha256 of every HF tensor, fed block by block as the tensors are read for writing."""
+
+    def __init__(self, reader: HFCheckpointReader) -> None:
+        self._reader = reader
+        self._state: dict[str, tuple[int, "hashlib._Hash"]] = {}
+
+    def update(self, name: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
+        shape = self._reader.info(name).shape
+        start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
+        if start == stop:
+            return
+        done, digest = self._state.get(name, (0, hashlib.sha256()))
+        if start != done:  # the writer reads blocks in plan order; anything else is a bug here
+            raise RuntimeError(f"internal: {name} rows {start}..{stop} read after rows up to {done}")
+        digest.update(tensor.contiguous().view(torch.uint8).numpy())
+        self._state[name] = (stop, digest)
+
+    def hexdigests(self) -> dict[str, str]:
+        return {name: digest.hexdigest() for name, (_, digest) in self._state.items()}
+
+
 class _ChunkSource:
-    """Produces stored chunks of this rank's parameters on demand, one parameter in memory."""
+    """Produces this rank's stored chunks on demand from the HF files, one block in memory."""
 
-    def __init__(self, source: SourceModel, state: dict, dtype: torch.dtype) -> None:
-        self.source, self.state, self.dtype = source, state, dtype
-        self.checksums: dict[str, str] = {}
-        self._cached: tuple[str, dict] | None = None
+    def __init__(self, source: SourceModel, dtype: torch.dtype) -> None:
+        self.source, self.dtype = source, dtype
+        self.checksums = _StreamingChecksums(source.reader)
 
-    def chunk(self, mapping: ParamMapping, offsets: tuple[int, ...]) -> torch.Tensor:
-        if self._cached is None or self._cached[0] != mapping.megatron:
-            tensors = [self._read(name) for name in mapping.hf]
-            full = cast_checked(mapping.to_megatron(tensors, self.source.arch), self.dtype, mapping.hf[0])
-            self._cached = (mapping.megatron, chunk_data(self.state, mapping.megatron, full))
-        return self._cached[1][offsets]
+    def rows(self, mapping: ParamMapping, start: int, stop: int, sizes: tuple[int, ...]) -> torch.Tensor:
+        data = megatron_rows(mapping, self._read, self.source.arch, start, stop)
+        return cast_checked(data, self.dtype, mapping.hf[0]).reshape(sizes)
 
-    def _read(self, name: str) -> torch.Tensor:
-        tensor = self.source.reader.read(name)
-        self.checksums[name] = hashlib.sha256(tensor.contiguous().view(torch.uint8).numpy()).hexdigest()
+    def _read(self, name: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        tensor = self.source.reader.read(name, rows)
+        self.checksums.update(name, rows, tensor)
         return tensor
+
+
+def _row_blocks(chunk: StoredChunk, row_axis: int, splittable: bool, dtype: torch.dtype):
+    """(offsets, sizes) of the blocks one stored chunk is written as, in row order."""
+    rows = chunk.sizes[row_axis] if row_axis < len(chunk.sizes) else 1
+    row_bytes = math.prod(chunk.sizes[row_axis + 1 :]) * dtype.itemsize
+    step = rows if not splittable or row_bytes == 0 else max(1, STREAM_BLOCK_BYTES // row_bytes)
+    for first in range(0, max(rows, 1), step):
+        count = min(step, rows - first) if rows else 0
+        offsets = list(chunk.offsets)
+        sizes = list(chunk.sizes)
+        if row_axis < len(sizes):
+            offsets[row_axis] += first
+            sizes[row_axis] = count
+        yield tuple(offsets), tuple(sizes)
 
 
 def _assign_to_ranks(mappings: tuple[ParamMapping, ...], source: SourceModel, world: int) -> list[list[ParamMapping]]:
@@ -140,16 +179,23 @@ def _write_rank_share(source: SourceModel, staging: Path, dtype: torch.dtype) ->
     chunks, objects = stored_layout(state)
     if set(chunks) != {m.megatron for m in source.mappings}:
         raise RuntimeError(f"mapping table and Megatron model disagree: {sorted(set(chunks) ^ {m.megatron for m in source.mappings})}")
-    producer = _ChunkSource(source, state, dtype)
-    lazy = [
-        LazyChunk(c.key, c.offsets, c.sizes, c.global_shape, dtype,
-                  produce=lambda m=mapping, offsets=c.offsets: producer.chunk(m, offsets))
-        for mapping in _assign_to_ranks(source.mappings, source, world)[rank]
-        for c in chunks[mapping.megatron]
-    ]
+    producer = _ChunkSource(source, dtype)
+    lazy = []
+    for mapping in _assign_to_ranks(source.mappings, source, world)[rank]:
+        param_rank = state[mapping.megatron].data.dim()
+        for chunk in chunks[mapping.megatron]:
+            row_axis = len(chunk.sizes) - param_rank  # after the stacked-layer axis, if any
+            splittable = param_rank > 1 and mapping.row_pieces(source.arch, 0, 1) is not None
+            for offsets, sizes in _row_blocks(chunk, row_axis, splittable, dtype):
+                start = offsets[row_axis] if param_rank else 0
+                stop = start + (sizes[row_axis] if param_rank else 1)
+                lazy.append(LazyChunk(
+                    chunk.key, offsets, sizes, chunk.global_shape, dtype,
+                    produce=lambda m=mapping, a=start, b=stop, shape=sizes: producer.rows(m, a, b, shape),
+                ))
     lazy_objects = [LazyObject(o.unique_key, o.data) for o in objects] if rank == 0 else []
     write_megatron_checkpoint(staging, lazy, lazy_objects)
-    return producer.checksums
+    return producer.checksums.hexdigests()
 
 
 def _manifest(source: SourceModel, dtype: torch.dtype, checksums: dict[str, str], copied: list[str]) -> dict:

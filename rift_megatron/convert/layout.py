@@ -89,16 +89,6 @@ def stored_layout(state: dict) -> tuple[dict[str, list[StoredChunk]], list[Store
     return chunks, objects
 
 
-def chunk_data(state: dict, param: str, full: torch.Tensor) -> dict[tuple[int, ...], torch.Tensor]:
-    """The full TP1 parameter cut into its stored chunks, keyed by chunk offsets."""
-    sharded = state[param]
-    real = dataclasses.replace(sharded, data=full)
-    return {
-        tuple(piece.global_offset): piece.data.reshape(_chunk(param, piece).sizes)
-        for piece in _sharded_tensors(real)
-    }
-
-
 def param_region(pieces: list[StoredChunk]):
     """The box of the stored tensor that holds one whole TP1 parameter.
 

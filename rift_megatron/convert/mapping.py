@@ -28,6 +28,16 @@ def _always(arch: ModelArchitecture) -> bool:
 
 
 @dataclass(frozen=True)
+class RowPiece:
+    """Megatron rows [param_start, param_start + rows) are HF tensor `hf_index`'s rows from `hf_start`."""
+
+    hf_index: int
+    hf_start: int
+    param_start: int
+    rows: int
+
+
+@dataclass(frozen=True)
 class ParamMapping:
     """Base: one Megatron parameter <- one or more HF tensors. Names may contain `{layer}`."""
 
@@ -55,6 +65,14 @@ class ParamMapping:
     def to_hf(self, tensor: torch.Tensor, arch: ModelArchitecture) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def row_pieces(self, arch: ModelArchitecture, start: int, stop: int) -> list[RowPiece] | None:
+        """Which HF rows make up Megatron rows [start, stop), or None if rows do not map to rows.
+
+        Row-wise mappings let conversion stream a large parameter in row blocks; rows of the
+        Megatron parameter not covered by any piece are zero (vocabulary padding).
+        """
+        return None
+
 
 @dataclass(frozen=True)
 class Direct(ParamMapping):
@@ -70,6 +88,9 @@ class Direct(ParamMapping):
 
     def to_hf(self, tensor: torch.Tensor, arch: ModelArchitecture) -> list[torch.Tensor]:
         return [tensor]
+
+    def row_pieces(self, arch: ModelArchitecture, start: int, stop: int) -> list[RowPiece] | None:
+        return [RowPiece(0, start, start, stop - start)] if len(self.shape(arch)) > 1 else None
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,10 @@ class VocabRows(ParamMapping):
 
     def to_hf(self, tensor: torch.Tensor, arch: ModelArchitecture) -> list[torch.Tensor]:
         return [tensor[: arch.vocab_size]]
+
+    def row_pieces(self, arch: ModelArchitecture, start: int, stop: int) -> list[RowPiece] | None:
+        real_stop = min(stop, arch.vocab_size)
+        return [RowPiece(0, start, start, real_stop - start)] if start < real_stop else []
 
 
 @dataclass(frozen=True)
@@ -138,6 +163,15 @@ class FusedGateUp(ParamMapping):
 
     def to_hf(self, tensor: torch.Tensor, arch: ModelArchitecture) -> list[torch.Tensor]:
         return [part.contiguous() for part in tensor.chunk(2, dim=0)]
+
+    def row_pieces(self, arch: ModelArchitecture, start: int, stop: int) -> list[RowPiece] | None:
+        ffn, pieces = arch.ffn_hidden_size, []
+        if start < ffn:
+            pieces.append(RowPiece(0, start, start, min(stop, ffn) - start))
+        if stop > ffn:
+            begin = max(start, ffn)
+            pieces.append(RowPiece(1, begin - ffn, begin, stop - begin))
+        return pieces
 
 
 def _hidden(arch: ModelArchitecture) -> Shape:
@@ -207,3 +241,45 @@ def _hf_order(mapping: ParamMapping) -> tuple:
     if name.startswith("model.layers."):
         return (1, int(name.split(".")[2]))
     return (0 if "embed_tokens" in name else 2, 0)
+
+
+def megatron_rows(
+    mapping: ParamMapping,
+    read: Callable[[str, tuple[int, int] | None], torch.Tensor],
+    arch: ModelArchitecture,
+    start: int,
+    stop: int,
+) -> torch.Tensor:
+    """Rows [start, stop) of the Megatron parameter, reading only the HF rows they come from.
+
+    `read(name, rows)` reads an HF tensor (rows=None: whole). Mappings that are not row-wise
+    (fused QKV) are assembled whole and sliced: one layer's q/k/v, never a large tensor.
+    """
+    pieces = mapping.row_pieces(arch, start, stop)
+    if pieces is None:
+        return mapping.to_megatron([read(name, None) for name in mapping.hf], arch)[start:stop]
+    if len(pieces) == 1 and pieces[0].param_start == start and pieces[0].rows == stop - start:
+        piece = pieces[0]
+        return read(mapping.hf[piece.hf_index], (piece.hf_start, piece.hf_start + piece.rows))
+    blocks = [read(mapping.hf[p.hf_index], (p.hf_start, p.hf_start + p.rows)) for p in pieces]
+    if not blocks:  # only padding rows: shape and dtype come from the first HF tensor
+        template = read(mapping.hf[0], (0, 0))
+        return template.new_zeros((stop - start, *template.shape[1:]))
+    out = blocks[0].new_zeros((stop - start, *blocks[0].shape[1:]))
+    for piece, block in zip(pieces, blocks):
+        out[piece.param_start - start : piece.param_start - start + piece.rows] = block
+    return out
+
+
+def hf_row_blocks(
+    mapping: ParamMapping, arch: ModelArchitecture, rows: torch.Tensor, start: int
+) -> list[tuple[str, int, torch.Tensor]] | None:
+    """(HF name, first HF row, rows) for Megatron rows [start, start + len(rows)); None if the
+    mapping is not row-wise (then convert the whole parameter with `to_hf`)."""
+    pieces = mapping.row_pieces(arch, start, start + rows.shape[0])
+    if pieces is None:
+        return None
+    return [
+        (mapping.hf[p.hf_index], p.hf_start, rows[p.param_start - start : p.param_start - start + p.rows])
+        for p in pieces
+    ]

@@ -22,9 +22,9 @@ from rift_megatron.convert.checkpoint_files import (
 )
 from rift_megatron.convert.errors import ConversionError
 from rift_megatron.convert.hf_to_mcore import TARGET_DTYPES, cast_checked
-from rift_megatron.convert.dcp_reader import read_metadata, read_regions
+from rift_megatron.convert.dcp_reader import Region, read_metadata, read_regions
 from rift_megatron.convert.layout import param_region, sharded_model_state, stored_layout
-from rift_megatron.convert.mapping import ParamMapping, expand
+from rift_megatron.convert.mapping import ParamMapping, expand, hf_row_blocks
 from rift_megatron.convert.megatron_world import tp1_megatron_world
 from rift_megatron.convert.safetensors_io import (
     StreamingSafetensorsWriter,
@@ -74,23 +74,57 @@ def export_groups(arch: ModelArchitecture) -> list[list[ParamMapping]]:
     return [embedding] + [layers[layer] for layer in sorted(layers)] + [tail]
 
 
-def iter_hf_tensors(
-    checkpoint: Path, arch: ModelArchitecture, dtype: torch.dtype | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for the whole model in HF order, loading one layer at a time.
+def _row_blocks(stored_chunks, region: Region, row_axis: int) -> list[tuple[int, int]]:
+    """Row ranges of a parameter's region, cut where stored chunks start.
 
-    `dtype=None` keeps the stored dtype (bit-exact round trips). Needs a TP1 Megatron world.
+    Reading a block costs reading every stored chunk it overlaps, so blocks follow the stored
+    chunking: a checkpoint written in row blocks is exported in the same blocks, one saved with
+    whole tensors is read one tensor at a time, each byte read once.
+    """
+    rows = region.sizes[row_axis]
+    cuts = {0, rows}
+    for chunk in stored_chunks:
+        overlaps = all(
+            chunk.offsets[d] < region.offsets[d] + region.sizes[d] and region.offsets[d] < chunk.offsets[d] + chunk.sizes[d]
+            for d in range(len(region.sizes))
+        )
+        if overlaps:
+            cuts.add(min(max(chunk.offsets[row_axis] - region.offsets[row_axis], 0), rows))
+    edges = sorted(cuts)
+    return list(zip(edges, edges[1:])) or [(0, 0)]
+
+
+def iter_hf_blocks(
+    checkpoint: Path, arch: ModelArchitecture, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """(HF name, first row, rows) covering the whole model in HF tensor order, each tensor's
+    blocks in row order; tensors of non-row-wise mappings come whole (first row 0).
+
+    Memory is one stored chunk (or one layer's fused QKV). `dtype=None` keeps the stored dtype
+    (bit-exact round trips). Needs a TP1 Megatron world.
     """
     state = sharded_model_state(arch)
     chunks, _ = stored_layout(state)
+    metadata = read_metadata(checkpoint).state_dict_metadata
     stored = _stored_dtypes(checkpoint, chunks)
-    for group in export_groups(arch):
-        regions = [param_region(chunks[m.megatron]) for m in group]
-        loaded = read_regions(checkpoint, regions, [stored[m.megatron] for m in group])
-        for mapping, region_data in zip(group, loaded):
-            full = region_data.reshape(state[mapping.megatron].data.shape)
-            for name, tensor in zip(mapping.hf, mapping.to_hf(full, arch)):
-                yield name, tensor if dtype is None else cast_checked(tensor, dtype, name)
+    for mapping in (m for group in export_groups(arch) for m in group):
+        param_shape = tuple(state[mapping.megatron].data.shape)
+        region = param_region(chunks[mapping.megatron])
+        row_axis = len(region.sizes) - len(param_shape)
+        row_wise = len(param_shape) > 1 and mapping.row_pieces(arch, 0, 1) is not None
+        blocks = _row_blocks(metadata[region.key].chunks, region, row_axis) if row_wise else [(0, param_shape[0])]
+        for start, stop in blocks:
+            offsets = list(region.offsets)
+            sizes = list(region.sizes)
+            offsets[row_axis] += start
+            sizes[row_axis] = stop - start
+            (block,) = read_regions(checkpoint, [Region(region.key, tuple(offsets), tuple(sizes))], [stored[mapping.megatron]])
+            block = block.reshape(stop - start, *param_shape[1:])
+            pieces = hf_row_blocks(mapping, arch, block, start) if row_wise else None
+            if pieces is None:
+                pieces = [(name, 0, tensor) for name, tensor in zip(mapping.hf, mapping.to_hf(block, arch))]
+            for name, first_row, tensor in pieces:
+                yield name, first_row, tensor if dtype is None else cast_checked(tensor, dtype, name)
 
 
 def _hf_specs(arch: ModelArchitecture, dtypes: dict[str, torch.dtype], dtype: torch.dtype | None):
@@ -100,6 +134,27 @@ def _hf_specs(arch: ModelArchitecture, dtypes: dict[str, torch.dtype], dtype: to
         for name, shape in zip(mapping.hf, mapping.hf_shapes(arch)):
             specs.append((name, tuple(shape), dtype or dtypes[mapping.megatron]))
     return specs
+
+
+def _write_shards(staging: Path, shards: dict[str, list], weight_map: dict[str, str], blocks) -> int:
+    """Stream blocks into their pre-planned shard files (in order); returns the bytes written."""
+    writer, total = None, 0
+    try:
+        for name, first_row, rows in blocks:
+            file_name = weight_map[name]
+            if writer is None or writer.path.name != file_name:
+                if writer is not None:
+                    writer.close()
+                writer = StreamingSafetensorsWriter(staging / file_name, shards[file_name], metadata={"format": "pt"})
+            writer.write_rows(name, first_row, rows)
+            total += rows.numel() * rows.element_size()
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return total
 
 
 def _export_config(assets: Path, out_dir: Path, dtype: torch.dtype) -> None:
@@ -138,15 +193,8 @@ def convert_mcore_to_hf(
         stored = _stored_dtypes(checkpoint, stored_layout(sharded_model_state(arch))[0])
         shards = plan_shards(_hf_specs(arch, stored, target), shard_bytes)
         names = shard_file_names(len(shards))
-        tensors = iter_hf_tensors(checkpoint, arch, target)
-        weight_map, total = {}, 0
-        for file_name, shard in zip(names, shards):
-            with StreamingSafetensorsWriter(staging / file_name, shard, metadata={"format": "pt"}) as writer:
-                for spec in shard:
-                    name, tensor = next(tensors)
-                    writer.write(name, tensor)
-                    weight_map[name] = file_name
-                    total += tensor.numel() * tensor.element_size()
+        weight_map = {name: file_name for file_name, shard in zip(names, shards) for name, _, _ in shard}
+        total = _write_shards(staging, dict(zip(names, shards)), weight_map, iter_hf_blocks(checkpoint, arch, target))
         write_index(staging, weight_map, total)
         copy_hf_assets(assets, staging)
         export_dtype = target or next(iter(stored.values()))

@@ -183,18 +183,26 @@ class HFCheckpointReader:
         except KeyError:
             raise ConversionError(f"tensor {name!r} not found in {self.model_dir}") from None
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor, contiguous and owning its memory, bytes read straight into its storage."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor (or rows [start, stop) of it), contiguous and owning its memory, bytes read
+        straight into its storage: reading a big tensor in row blocks bounds memory by the block."""
         info = self.info(name)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        if info.nbytes:
+        shape, offset, nbytes = info.shape, self._offsets[name], info.nbytes
+        if rows is not None:
+            start, stop = rows
+            if not shape or not 0 <= start <= stop <= shape[0]:
+                raise ValueError(f"rows {rows} out of range for tensor {name!r} of shape {list(shape)}")
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            shape, offset, nbytes = (stop - start, *shape[1:]), offset + start * row_bytes, (stop - start) * row_bytes
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
             with open(info.file, "rb") as f:
-                f.seek(self._offsets[name])
+                f.seek(offset)
                 got = f.readinto(memoryview(buf.numpy()))
-            if got != info.nbytes:
-                raise ConversionError(f"{info.file} is truncated: tensor {name!r} needs "
-                                      f"{info.nbytes} bytes, only {got} could be read")
-        return buf.view(info.dtype).reshape(info.shape)
+            if got != nbytes:
+                raise ConversionError(f"{info.file} is truncated: tensor {name!r} needs {nbytes} "
+                                      f"bytes at offset {offset}, only {got} could be read")
+        return buf.view(info.dtype).reshape(shape)
 
     def total_bytes(self) -> int:
         return sum(i.nbytes for i in self._infos.values())
@@ -235,6 +243,7 @@ class StreamingSafetensorsWriter:
         self.data_start = 8 + len(raw)
         self.expected_size = self.data_start + offset
         self._next = 0
+        self._rows_done = 0
         self._file = open(self.path, "wb")
         try:
             self._file.write(len(raw).to_bytes(8, "little") + raw)
@@ -244,25 +253,47 @@ class StreamingSafetensorsWriter:
             raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next declared tensor; ValueError (nothing written) if it is not that one."""
+        """Append the next declared tensor whole; ValueError (nothing written) if it is not that one."""
+        _, shape, dtype = self._current_spec(name)
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(f"tensor {name!r}: declared {list(shape)} {dtype}, got {list(tensor.shape)} {tensor.dtype}")
+        self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Append rows [start, start + len(rows)) of the next declared tensor.
+
+        Lets a caller stream one tensor in row blocks (a 151k-row embedding, say) without ever
+        holding it whole. Blocks must come in row order; the tensor is complete with its last row.
+        """
+        want, shape, dtype = self._current_spec(name)
+        whole = shape == () or start == 0 and tuple(rows.shape) == shape
+        if rows.dtype != dtype or not whole and (not shape or tuple(rows.shape[1:]) != shape[1:]):
+            raise ValueError(f"tensor {name!r}: declared {list(shape)} {dtype}, "
+                             f"got rows of shape {list(rows.shape)} {rows.dtype}")
+        count = rows.shape[0] if rows.dim() else 1
+        if start != self._rows_done or (shape and start + count > shape[0]):
+            raise ValueError(f"tensor {name!r}: rows {start}..{start + count} written out of order "
+                             f"(next row is {self._rows_done} of {shape[0] if shape else 0})")
+        if rows.numel():
+            # Only non-contiguous or non-CPU tensors are copied; the uint8 view (bf16 has no numpy
+            # dtype) hands the tensor's own storage to write() through the buffer protocol.
+            flat = rows.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            self._file.write(memoryview(flat.numpy()))
+            self._file.flush()  # keep nothing buffered: the file grows block by block
+        self._rows_done = 0 if whole else self._rows_done + count
+        if whole or self._rows_done == shape[0]:
+            self._next += 1
+            self._rows_done = 0
+
+    def _current_spec(self, name: str) -> TensorSpec:
         if self._file is None:
             raise ValueError(f"writer for {self.path} is closed; cannot write tensor {name!r}")
         if self._next >= len(self._specs):
             raise ValueError(f"tensor {name!r}: all tensors declared for {self.path} are written")
-        want, shape, dtype = self._specs[self._next]
-        if name != want:
-            raise ValueError(f"tensor {name!r} written to {self.path} out of order: "
-                             f"expected {want!r} next")
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise ValueError(f"tensor {name!r}: declared {list(shape)} {dtype}, "
-                             f"got {list(tensor.shape)} {tensor.dtype}")
-        if tensor.numel():
-            # Only non-contiguous or non-CPU tensors are copied; the uint8 view (bf16 has no numpy
-            # dtype) hands the tensor's own storage to write() through the buffer protocol.
-            flat = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-            self._file.write(memoryview(flat.numpy()))
-            self._file.flush()  # keep nothing buffered: the file grows tensor by tensor
-        self._next += 1
+        spec = self._specs[self._next]
+        if name != spec[0]:
+            raise ValueError(f"tensor {name!r} written to {self.path} out of order: expected {spec[0]!r} next")
+        return spec
 
     def close(self) -> None:
         """Check every declared tensor was written, then fsync; otherwise delete the file."""
