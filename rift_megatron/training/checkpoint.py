@@ -22,22 +22,32 @@ def _sharded_model_state(chunks: list[torch.nn.Module]) -> dict:
     return {f"chunk{index}": chunk.sharded_state_dict() for index, chunk in enumerate(chunks)}
 
 
-def save_model_checkpoint(chunks: list[torch.nn.Module], directory: str | Path) -> Path:
-    """Collectively save the unwrapped model chunks of every rank to `directory` (atomic)."""
+def save_model_checkpoint(
+    chunks: list[torch.nn.Module], directory: str | Path, hf_assets: str | Path | None = None
+) -> Path:
+    """Collectively save the unwrapped model chunks of every rank to `directory` (atomic).
+
+    `hf_assets` (a folder with the model's config.json and tokenizer files, as written by
+    `rift convert hf-to-mcore`) is copied in, so `rift convert mcore-to-hf` can export the
+    checkpoint without being told what model it holds.
+    """
     from megatron.core import dist_checkpointing
 
+    from rift_megatron.convert.checkpoint_files import HF_ASSETS, copy_hf_assets
+    from rift_megatron.staging import replace_directory
+
     directory = Path(directory)
-    staging = directory.with_name(directory.name + ".tmp")
+    staging = directory.with_name(f".{directory.name}.partial")
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        if hf_assets is not None:
+            copy_hf_assets(Path(hf_assets), staging / HF_ASSETS)
     dist.barrier()
     dist_checkpointing.save(_sharded_model_state(chunks), str(staging))
     dist.barrier()
     if dist.get_rank() == 0:
-        if directory.exists():
-            shutil.rmtree(directory)
-        staging.rename(directory)
+        replace_directory(staging, directory)
     dist.barrier()
     return directory
 
