@@ -17,18 +17,14 @@ import torch.distributed as dist
 from rift_megatron.convert.checkpoint_files import find_hf_assets, load_architecture, resolve_checkpoint
 from rift_megatron.parallel import ParallelLayout, destroy_model_parallel, init_distributed, init_model_parallel
 from rift_megatron.training.checkpoint import load_model_checkpoint
+from rift_megatron.training.forward import forward_only
 from rift_megatron.training.setup import build_model_chunks
 from rift_megatron.models.provider import GPTModelProvider
-
-
-def _keep_logits(output: torch.Tensor):
-    return torch.zeros((), device=output.device), {"logits": output.detach()}
 
 
 def megatron_logits(checkpoint: Path, layout: ParallelLayout, tokens: torch.Tensor) -> torch.Tensor | None:
     """Full-vocabulary fp32 logits [batch, seq, vocab] on the last stage's TP rank 0, else None."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     arch = load_architecture(find_hf_assets(checkpoint))
@@ -36,28 +32,10 @@ def megatron_logits(checkpoint: Path, layout: ParallelLayout, tokens: torch.Tens
     try:
         chunks = build_model_chunks(GPTModelProvider(arch, layout))
         load_model_checkpoint(chunks, checkpoint)
-        for chunk in chunks:
-            chunk.eval()
-        batch, seq = tokens.shape
-        positions = torch.arange(seq).expand(batch, seq)
-
-        def forward_step(data_iterator, model):
-            ids = next(data_iterator)
-            return model(ids, positions, None), _keep_logits
-
-        with torch.no_grad():
-            outputs = get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=[iter([tokens]) for _ in chunks] if len(chunks) > 1 else iter([tokens]),
-                model=chunks if len(chunks) > 1 else chunks[0],
-                num_microbatches=1,
-                seq_length=seq,
-                micro_batch_size=batch,
-                forward_only=True,
-            )
-        if not ps.is_pipeline_last_stage():
+        result = forward_only(chunks, tokens, lambda logits: {"logits": logits.detach()})
+        if result is None:
             return None
-        logits = gather_from_tensor_model_parallel_region(outputs[0]["logits"])
+        logits = gather_from_tensor_model_parallel_region(result["logits"])
         if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
             return None
         return logits[..., : arch.vocab_size].float()

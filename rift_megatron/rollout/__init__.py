@@ -1,0 +1,1 @@
+"""Rollout: the co-located vLLM engine, rewards, the rollout data loader and weight sync."""

@@ -1,0 +1,179 @@
+"""Push the trainer's weights into the co-located vLLM engine after every optimizer step.
+
+Nothing touches disk. Per parameter, in one order every rank agrees on:
+  1. the pipeline stage that owns it gathers its tensor-parallel shards into the full TP1
+     Megatron tensor (SwiGLU shards are re-interleaved into [gate; up]);
+  2. that stage broadcasts it to the other stages' ranks (the pipeline group), so every rank,
+     and so every rank's vLLM worker, holds it;
+  3. the conversion table (`convert/mapping.py`, the same one checkpoint conversion uses) splits
+     it into HF-named tensors (QKV and gate/up split, vocabulary padding stripped);
+  4. HF tensors are collected into buckets of `bucket_bytes` and loaded through the workers'
+     in-place `reload_weights` path.
+Then the prefix cache is reset (cached KV from the old weights would otherwise be reused), and a
+probe sequence's log-probs from the engine are compared with the trainer's: a push that did not
+land fails loudly. Peak extra memory: one bucket plus one full parameter.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rift_megatron.convert.mapping import expand
+from rift_megatron.models.hf_config import ModelArchitecture
+from rift_megatron.platform import current_platform
+from rift_megatron.rollout.engine import RolloutEngine
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+class WeightSyncError(RuntimeError):
+    """The engine does not hold the weights that were pushed."""
+
+
+@dataclass(frozen=True)
+class SyncStats:
+    seconds: float
+    bytes: int
+    tensors: int
+    buckets: int
+
+
+def _global_name(chunk: torch.nn.Module, local_name: str) -> str:
+    """Local parameter name -> the TP1 name with the global layer index (PP / VPP offsets)."""
+    match = _LAYER.match(local_name)
+    if not match:
+        return local_name
+    layer = chunk.decoder.layers[int(match.group(1))]
+    return f"decoder.layers.{layer.layer_number - 1}." + local_name[match.end():]
+
+
+def _local_params(chunks: list[torch.nn.Module], wanted: set[str]) -> dict[str, torch.nn.Parameter]:
+    params = {}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            global_name = _global_name(chunk, name)
+            if global_name in wanted:  # a tied output_layer copy on the last stage is not
+                params[global_name] = param
+    return params
+
+
+def _gather_tensor_parallel(param: torch.nn.Parameter, name: str, tp_group) -> torch.Tensor:
+    """The full TP1 tensor of a tensor-parallel parameter (or the parameter itself)."""
+    from megatron.core import parallel_state as ps
+
+    data = param.detach()
+    size = ps.get_tensor_model_parallel_world_size()
+    if size == 1 or not getattr(param, "tensor_model_parallel", False):
+        return data
+    shards = [torch.empty_like(data) for _ in range(size)]
+    dist.all_gather(shards, data.contiguous(), group=tp_group)
+    dim = param.partition_dim
+    if name.endswith("mlp.linear_fc1.weight"):
+        # Each rank holds [gate_r; up_r]; the TP1 layout is [gate_0 .. gate_n; up_0 .. up_n].
+        halves = [shard.chunk(2, dim=dim) for shard in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(shards, dim=dim)
+
+
+def _ownership(local: dict[str, torch.nn.Parameter], pp_group) -> list[tuple[str, int, tuple, torch.dtype]]:
+    """(name, owning pipeline rank, full shape, dtype) for every parameter, same list on every rank."""
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    mine = []
+    for name, param in local.items():
+        shape = list(param.shape)
+        if tp > 1 and getattr(param, "tensor_model_parallel", False):
+            shape[param.partition_dim] *= tp
+        mine.append((name, tuple(shape), param.dtype))
+    everyone = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(everyone, mine, group=pp_group)
+    owned = {}
+    for pp_rank, entries in enumerate(everyone):
+        for name, shape, dtype in entries:
+            owned.setdefault(name, (name, pp_rank, shape, dtype))
+    return list(owned.values())
+
+
+def full_megatron_params(chunks: list[torch.nn.Module], arch: ModelArchitecture) -> Iterator[tuple[str, torch.Tensor]]:
+    """(TP1 Megatron name, full tensor) for every mapped parameter, on every rank, in table order."""
+    from megatron.core import parallel_state as ps
+
+    order = [m.megatron for m in expand(arch)]
+    local = _local_params(chunks, set(order))
+    pp_group, tp_group = ps.get_pipeline_model_parallel_group(), ps.get_tensor_model_parallel_group()
+    pp_size = ps.get_pipeline_model_parallel_world_size()
+    owners = {name: (pp_rank, shape, dtype) for name, pp_rank, shape, dtype in _ownership(local, pp_group)}
+    missing = [name for name in order if name not in owners]
+    if missing:
+        raise WeightSyncError(f"no pipeline stage holds {missing[:3]} (model and conversion table disagree)")
+    my_pp_rank = ps.get_pipeline_model_parallel_rank()
+    for name in order:
+        owner, shape, dtype = owners[name]
+        full = _gather_tensor_parallel(local[name], name, tp_group) if owner == my_pp_rank else None
+        if pp_size > 1:
+            if full is None:
+                full = torch.empty(shape, dtype=dtype, device=current_platform().device())
+            src = dist.get_global_rank(pp_group, owner)
+            dist.broadcast(full.contiguous() if owner == my_pp_rank else full, src=src, group=pp_group)
+        yield name, full
+
+
+def hf_weights(chunks: list[torch.nn.Module], arch: ModelArchitecture) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named full tensors of the trainer's current weights (collective over the model group)."""
+    by_param = {m.megatron: m for m in expand(arch)}
+    for name, full in full_megatron_params(chunks, arch):
+        mapping = by_param[name]
+        yield from zip(mapping.hf, mapping.to_hf(full, arch))
+
+
+def buckets(weights: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group tensors into lists of about `bucket_bytes` (one oversized tensor makes its own)."""
+    bucket, size = [], 0
+    for name, tensor in weights:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def push_weights(
+    engine: RolloutEngine, chunks: list[torch.nn.Module], arch: ModelArchitecture, bucket_bytes: int = 256 * 2**20
+) -> SyncStats:
+    """Collective over the trainer's world: every rank streams the weights into its engine."""
+    start = time.perf_counter()
+    engine.wake_up(["weights"])
+    total_bytes = tensors = count = 0
+    for bucket in buckets(hf_weights(chunks, arch), bucket_bytes):
+        engine.load_weights(bucket)
+        total_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        tensors += len(bucket)
+        count += 1
+    engine.reset_prefix_cache()
+    engine.wake_up(["kv_cache"])
+    return SyncStats(seconds=time.perf_counter() - start, bytes=total_bytes, tensors=tensors, buckets=count)
+
+
+def check_engine_matches(
+    engine: RolloutEngine, trainer_logprobs: torch.Tensor, probe: torch.Tensor, atol: float
+) -> float:
+    """Compare the engine's log-probs of `probe` ([B, S] token ids) with the trainer's
+    ([B, S-1]); raise WeightSyncError past `atol`, else return the max abs difference."""
+    engine_logprobs = torch.tensor(engine.prompt_logprobs(probe.tolist()), dtype=torch.float32)
+    diff = float((engine_logprobs - trainer_logprobs.float()).abs().max())
+    if not diff <= atol:
+        raise WeightSyncError(
+            f"after the weight push the engine's log-probs differ from the trainer's by {diff:.3g} "
+            f"(> {atol:g}): the engine does not hold the trainer's weights"
+        )
+    return diff
