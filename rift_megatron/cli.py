@@ -8,11 +8,12 @@ import warnings
 
 from rift_megatron import __version__
 from rift_megatron.convert import cli as convert_cli
-from rift_megatron.convert.errors import ConversionError
-from rift_megatron.models.hf_config import ModelConfigError
+from rift_megatron.rollout import cli as rollout_cli
 from rift_megatron.staging import OutputExistsError
 
-USER_ERRORS = (ConversionError, ModelConfigError, OutputExistsError)
+# Bad input (files, fields, flag values) is reported as one line; ConversionError,
+# ModelConfigError and PromptFileError are ValueError subclasses or listed here.
+USER_ERRORS = (ValueError, FileNotFoundError, OutputExistsError)
 
 _DEMO_COLUMNS = (
     ("step", "step", "{:.0f}"),
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     demo.set_defaults(handler=_demo)
     convert_cli.register(commands)
+    rollout_cli.register(commands)
     return parser
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-class ConversionError(Exception):
+class ConversionError(ValueError):
     """A user-facing conversion problem (bad checkpoint, missing file, unsupported dtype...).
 
     Raised instead of KeyError/OSError/json errors so the CLI can print one clear line; the
