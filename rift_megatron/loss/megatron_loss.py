@@ -36,8 +36,10 @@ _SUM_KEYS = (
     "neg_ratio_sum",
     "logprob_sum_pos",
     "logprob_sum_neg",
+    "logprob_diff_sum",
+    "response_tokens",
 )
-_MAX_KEYS = ("neg_ratio_max",)
+_MAX_KEYS = ("neg_ratio_max", "logprob_diff_max")
 
 LossFunc = Callable[[Tensor], tuple[Tensor, Tensor, dict[str, Tensor]]]
 
@@ -56,9 +58,22 @@ class LossSettings:
         check_settings(self.algorithm, self.ratio_cap, self.granularity, self.normalization)
 
 
-def _report(terms: RiftLossTerms) -> dict[str, Tensor]:
+def _mismatch(logprobs: Tensor, behavior: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """|trainer - behaviour| log-prob over all response tokens. At the first update after a
+    weight sync this is the trainer-vs-engine mismatch (kernels, dtypes, a failed sync)."""
+    used = mask != 0
+    diff = torch.where(used, (logprobs.detach().double() - behavior.detach().double()).abs(), 0.0)
+    return {
+        "logprob_diff_sum": diff.sum(),
+        "logprob_diff_max": diff.max() if diff.numel() else diff.new_zeros(()),
+        "response_tokens": used.sum(),
+    }
+
+
+def _report(terms: RiftLossTerms, extra: dict[str, Tensor]) -> dict[str, Tensor]:
     """Detached clones: Megatron may modify returned tensors in place (e.g. ``loss /= n``)."""
     values = {
+        **extra,
         "loss_sum": terms.loss_sum,
         "tokens": terms.num_tokens,
         "pos_loss_sum": terms.pos_loss_sum,
@@ -123,7 +138,8 @@ def make_loss_func(
             normalization=settings.normalization,
             sign_token_counts=sign_token_counts,
         )
-        return terms.loss_sum, terms.num_tokens, _report(terms)
+        mismatch = _mismatch(logprobs, batch["behavior_logprobs"], batch["loss_mask"])
+        return terms.loss_sum, terms.num_tokens, _report(terms, mismatch)
 
     return loss_func
 
@@ -149,7 +165,9 @@ def reduce_loss_reports(reports: Sequence[Mapping[str, Tensor]], group: Any = No
 
     Returns ``loss`` (= loss_sum / tokens; 0 without tokens), ``loss_pos`` and ``loss_neg`` (each
     part / tokens, adding up to ``loss``), ``frac_neg_tokens``, ``ratio_mean_neg``,
-    ``ratio_max_neg`` (0 without negatives), ``tokens``, ``logprob_mean_pos``, ``logprob_mean_neg``.
+    ``ratio_max_neg`` (0 without negatives), ``tokens``, ``logprob_mean_pos``, ``logprob_mean_neg``,
+    and ``logprob_diff_mean`` / ``logprob_diff_max``: |trainer - behaviour| log-prob over all
+    response tokens (the trainer-vs-engine mismatch at the first update after a weight sync).
     """
     device = reports[0]["loss_sum"].device if reports else torch.device("cpu")
     sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64, device=device)
@@ -173,4 +191,6 @@ def reduce_loss_reports(reports: Sequence[Mapping[str, Tensor]], group: Any = No
         "tokens": tokens,
         "logprob_mean_pos": _div(total["logprob_sum_pos"], total["pos_tokens"]),
         "logprob_mean_neg": _div(total["logprob_sum_neg"], total["neg_tokens"]),
+        "logprob_diff_mean": _div(total["logprob_diff_sum"], total["response_tokens"]),
+        "logprob_diff_max": max(maxs.tolist()[1], 0.0),
     }

@@ -582,9 +582,25 @@ def test_reduce_loss_reports_handles_no_tokens_and_no_negatives():
     _, num_tokens, report = make_loss_func(batch, LossSettings(), vocab_size=batch_vocab(logits))(logits)
     metrics = reduce_loss_reports([report, report])
     assert int(num_tokens) == 0
-    assert metrics == {k: 0.0 for k in metrics}
+    diff_keys = {"logprob_diff_mean", "logprob_diff_max"}
+    assert {k: v for k, v in metrics.items() if k not in diff_keys} == {k: 0.0 for k in metrics if k not in diff_keys}
     assert set(metrics) == {"loss", "loss_pos", "loss_neg", "frac_neg_tokens", "ratio_mean_neg", "ratio_max_neg",
-                            "tokens", "logprob_mean_pos", "logprob_mean_neg"}
+                            "tokens", "logprob_mean_pos", "logprob_mean_neg"} | diff_keys
+
+
+def test_logprob_mismatch_metric_covers_every_response_token():
+    """Trainer-vs-behaviour |l - b| over all masked tokens, zero-reward samples included."""
+    logits, batch = make_loss_batch()
+    batch = dict(batch, rewards=torch.zeros_like(batch["rewards"]))
+    vocab = batch_vocab(logits)
+    _, _, report = make_loss_func(batch, LossSettings(), vocab_size=vocab)(logits)
+    metrics = reduce_loss_reports([report])
+    logprobs = torch.log_softmax(logits.double()[..., :vocab], dim=-1).gather(-1, batch["targets"][..., None])[..., 0]
+    mask = batch["loss_mask"] != 0
+    diff = (logprobs - batch["behavior_logprobs"].double()).abs()[mask]
+    assert mask.any()
+    assert metrics["logprob_diff_mean"] == pytest.approx(float(diff.mean()), rel=1e-5)
+    assert metrics["logprob_diff_max"] == pytest.approx(float(diff.max()), rel=1e-5)
 
 
 def test_rift_training_raises_positive_logprobs_and_lowers_negative_ones():
