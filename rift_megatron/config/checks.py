@@ -1,0 +1,208 @@
+"""Value checks of a built config: ranges, cross-field rules, and the checks against the world.
+
+Two stages, because they need different things:
+
+* :func:`check_config` needs only the config (ranges from the schema's field metadata, rules
+  between fields); ``load_config`` runs it, so a config that loads is internally consistent.
+* :func:`validate_for_world` needs the launch: the world size (divisibility of parallel sizes and
+  batch sizes) and the file system (model, data, eval and resume paths). The trainer runs it on
+  every rank before touching torch.distributed, so a bad launch fails in a second, not after the
+  model is built.
+
+Every message is one line that starts with the key it is about.
+"""
+
+from __future__ import annotations
+
+import difflib
+import operator
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import Field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from .schema import ConfigError, RiftConfig
+
+__all__ = ["check_config", "iter_leaves", "validate_for_world", "where"]
+
+# Name of the buffer file `rift rollout` writes (rift_megatron.rollout.buffer.BUFFER_FILE; not
+# imported so this module stays free of the rollout package's dependencies).
+BUFFER_FILE = "rollout.parquet"
+
+_LIMITS = {"min": (">=", operator.ge), "gt": (">", operator.gt), "max": ("<=", operator.le), "lt": ("<", operator.lt)}
+_REWARD_FUNCTION = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_BUILTIN_REWARDS = ("math", "exact")
+
+
+def where(path: str, sources: Mapping[str, str]) -> str:
+    """`` (in cfg.yaml, line 3)`` for the key or its nearest ancestor with a known source, else ''."""
+    while path:
+        if path in sources:
+            return f" ({sources[path]})"
+        path = path.rpartition(".")[0]
+    return ""
+
+
+def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Field, Any]]:
+    """``(dotted path, dataclass field, value)`` of every non-section field, in schema order."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            yield from iter_leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value
+
+
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _range_problem(path: str, f: Field, value: Any) -> str | None:
+    if isinstance(value, str) and not value:
+        return "must not be empty"
+    if isinstance(value, tuple) and any(not item for item in value):
+        return f"must not contain empty strings, got {list(value)!r}"
+    if value is None or isinstance(value, (bool, str, tuple)):
+        return None
+    for limit, (symbol, ok) in _LIMITS.items():
+        bound = f.metadata.get(limit)
+        if bound is not None and not ok(value, bound):
+            return f"must be {symbol} {_num(bound)}, got {_num(value)}"
+    return None
+
+
+def _cross_field_problems(cfg: RiftConfig) -> Iterator[tuple[str, str]]:
+    """``(key, what is wrong)`` for every rule between fields that ``cfg`` breaks."""
+    par, opt, alg, data, ro, ckpt, ev = (
+        cfg.parallel, cfg.optim, cfg.algorithm, cfg.data, cfg.rollout, cfg.checkpoint, cfg.eval
+    )
+    if par.sequence_parallel and par.tensor < 2:
+        yield "parallel.sequence_parallel", f"needs parallel.tensor >= 2, got parallel.tensor = {par.tensor}"
+    if par.virtual_pipeline is not None and par.pipeline < 2:
+        yield "parallel.virtual_pipeline", f"needs parallel.pipeline >= 2, got parallel.pipeline = {par.pipeline}"
+    if opt.min_lr > opt.lr:
+        yield "optim.min_lr", f"must be <= optim.lr ({_num(opt.lr)}), got {_num(opt.min_lr)}"
+    if opt.lr_decay_steps is not None and opt.lr_warmup_steps >= opt.lr_decay_steps:
+        yield "optim.lr_warmup_steps", f"must be < optim.lr_decay_steps ({opt.lr_decay_steps}), got {opt.lr_warmup_steps}"
+    if alg.reward not in _BUILTIN_REWARDS and not _REWARD_FUNCTION.match(alg.reward):
+        close = difflib.get_close_matches(alg.reward, _BUILTIN_REWARDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        yield "algorithm.reward", (
+            f"must be 'math', 'exact' or a function path 'pkg.module:name', got {alg.reward!r}{hint}"
+        )
+    if data.prompt_field == data.answer_field:
+        yield "data.answer_field", f"must differ from data.prompt_field, both are {data.prompt_field!r}"
+    if ro.top_k == 0:
+        yield "rollout.top_k", "must be -1 (off) or >= 1, got 0"
+    if ckpt.interval > 0 and ckpt.dir is None:
+        yield "checkpoint.interval", f"is {ckpt.interval} but checkpoint.dir is null: set checkpoint.dir to save checkpoints"
+    if ev.interval > 0 and ev.prompts is None:
+        yield "eval.interval", f"is {ev.interval} but eval.prompts is null: set eval.prompts to evaluate"
+    if ev.k > 1 and ev.temperature == 0:
+        yield "eval.k", f"is {ev.k} but eval.temperature is 0 (greedy): the samples would be identical"
+
+
+def check_config(cfg: RiftConfig, sources: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`ConfigError` for the first value out of range or rule between fields broken.
+
+    ``sources`` maps dotted keys to where they were set (``in cfg.yaml, line 3``) for the message.
+    """
+    sources = sources or {}
+    for path, f, value in iter_leaves(cfg):
+        problem = _range_problem(path, f, value)
+        if problem:
+            raise ConfigError(f"config key {path!r}{where(path, sources)} {problem}")
+    for path, problem in _cross_field_problems(cfg):
+        raise ConfigError(f"config key {path!r}{where(path, sources)} {problem}")
+
+
+def _path_problems(cfg: RiftConfig) -> Iterator[str]:
+    hf = cfg.model.hf_dir
+    if hf is None:
+        yield "model.hf_dir is not set (the Hugging Face model folder: config.json, tokenizer, weights)"
+    elif not Path(hf).is_dir():
+        yield f"model.hf_dir {hf!r} does not exist" if not Path(hf).exists() else f"model.hf_dir {hf!r} is not a directory"
+    elif not (Path(hf) / "config.json").is_file():
+        yield f"model.hf_dir {hf!r} has no config.json"
+    if cfg.model.mcore_ckpt is not None and not Path(cfg.model.mcore_ckpt).exists():
+        yield f"model.mcore_ckpt {cfg.model.mcore_ckpt!r} does not exist"
+    data = cfg.data
+    if data.mode == "online":
+        if data.prompts is None:
+            yield "data.prompts is not set (a JSONL or Parquet prompt file is needed for data.mode 'online')"
+        elif not Path(data.prompts).is_file():
+            yield f"data.prompts {data.prompts!r} " + (
+                "is not a file" if Path(data.prompts).exists() else "does not exist"
+            )
+    else:
+        if data.buffer is None:
+            yield "data.buffer is not set (a buffer directory from `rift rollout` is needed for data.mode 'offline')"
+        elif not Path(data.buffer).is_dir():
+            yield f"data.buffer {data.buffer!r} " + (
+                "is not a directory" if Path(data.buffer).exists() else "does not exist"
+            )
+        elif not (Path(data.buffer) / BUFFER_FILE).is_file():
+            yield f"data.buffer {data.buffer!r} has no {BUFFER_FILE} (write one with `rift rollout`)"
+    if cfg.eval.prompts is not None and not Path(cfg.eval.prompts).is_file():
+        yield f"eval.prompts {cfg.eval.prompts!r} " + (
+            "is not a file" if Path(cfg.eval.prompts).exists() else "does not exist"
+        )
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and not Path(resume).exists():
+        yield f"checkpoint.resume {resume!r} does not exist (use 'auto', 'none' or an existing checkpoint)"
+
+
+def _world_problems(cfg: RiftConfig, world_size: int) -> Iterator[str]:
+    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    gbs, mbs = cfg.training.global_batch_size, cfg.training.micro_batch_size
+    dp = None
+    if world_size % (tp * pp):
+        yield (
+            f"parallel.tensor ({tp}) x parallel.pipeline ({pp}) = {tp * pp} does not divide the world size {world_size}"
+        )
+    else:
+        dp = world_size // (tp * pp)
+        if gbs % (mbs * dp):
+            yield (
+                f"training.global_batch_size ({gbs}) is not divisible by training.micro_batch_size ({mbs}) "
+                f"x data-parallel size ({dp}) = {mbs * dp}"
+            )
+    if cfg.data.mode != "online":
+        return
+    prompts, k, etp = cfg.data.prompts_per_step, cfg.rollout.k, cfg.rollout.engine_tensor_parallel
+    if world_size % etp:
+        yield f"rollout.engine_tensor_parallel ({etp}) does not divide the world size {world_size}"
+    elif prompts % (world_size // etp):
+        engines = world_size // etp
+        yield (
+            f"data.prompts_per_step ({prompts}) is not divisible by the number of rollout engines {engines} "
+            f"(world size {world_size} / rollout.engine_tensor_parallel {etp})"
+        )
+    samples = prompts * k
+    if dp is not None and samples % dp:
+        yield (
+            f"data.prompts_per_step ({prompts}) x rollout.k ({k}) = {samples} is not divisible by the "
+            f"data-parallel size {dp}"
+        )
+    elif samples % gbs:
+        yield (
+            f"data.prompts_per_step ({prompts}) x rollout.k ({k}) = {samples} samples per rollout is not "
+            f"divisible by training.global_batch_size ({gbs})"
+        )
+
+
+def validate_for_world(cfg: RiftConfig, world_size: int) -> int:
+    """Check ``cfg`` against a launch of ``world_size`` processes and the file system.
+
+    Returns the data-parallel size. Raises :class:`ConfigError` listing every problem found, one
+    line each: model-parallel sizes that do not divide the world, batch sizes that do not split
+    over micro-batches x data-parallel ranks (or a rollout batch over global batches and rollout
+    engines), a missing model folder / config.json / checkpoint / prompt file / buffer.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
+    problems = [*_world_problems(cfg, world_size), *_path_problems(cfg)]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)

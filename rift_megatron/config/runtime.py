@@ -1,0 +1,145 @@
+"""The runtime objects of the existing modules, built from a config.
+
+Each builder imports its target lazily: those modules import torch, and the config must stay
+importable (and testable) without it. The runtime classes re-validate their own fields, so a
+config built by hand (not through ``load_config``) still fails at start-up, not mid-run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .schema import ConfigError, RiftConfig
+
+if TYPE_CHECKING:
+    from rift_megatron.loss.megatron_loss import LossSettings
+    from rift_megatron.models.provider import PrecisionConfig
+    from rift_megatron.parallel import ParallelLayout
+    from rift_megatron.rollout.engine import EngineConfig, SamplingConfig
+    from rift_megatron.rollout.rewards import RewardSpec
+    from rift_megatron.training.setup import OptimConfig
+
+__all__ = [
+    "sync_check_tolerance",
+    "to_engine_config",
+    "to_eval_sampling_config",
+    "to_loss_settings",
+    "to_optim_config",
+    "to_parallel_layout",
+    "to_precision_config",
+    "to_reward_spec",
+    "to_sampling_config",
+]
+
+# Default trainer-vs-engine log-prob tolerance after a weight push, by trainer dtype: fp32 kernels
+# of trainer and engine agree to ~1e-5; bf16/fp16 rounding differs between their kernels.
+_SYNC_ATOL = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.1}
+
+
+def to_parallel_layout(cfg: RiftConfig) -> ParallelLayout:
+    from rift_megatron.parallel import ParallelLayout
+
+    p = cfg.parallel
+    return ParallelLayout(
+        tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline, sequence_parallel=p.sequence_parallel
+    )
+
+
+def to_optim_config(cfg: RiftConfig) -> OptimConfig:
+    from rift_megatron.training.setup import OptimConfig
+
+    o = cfg.optim
+    return OptimConfig(
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        lr_warmup_steps=o.lr_warmup_steps,
+        lr_decay_steps=o.lr_decay_steps,
+        lr_decay_style=o.lr_decay_style,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+    )
+
+
+def to_precision_config(cfg: RiftConfig) -> PrecisionConfig:
+    from rift_megatron.models.provider import PrecisionConfig
+
+    return PrecisionConfig(dtype=cfg.model.dtype)
+
+
+def to_loss_settings(cfg: RiftConfig) -> LossSettings:
+    from rift_megatron.loss.megatron_loss import LossSettings
+
+    a = cfg.algorithm
+    return LossSettings(
+        algorithm=a.name, ratio_cap=a.ratio_cap, granularity=a.granularity, normalization=a.normalization
+    )
+
+
+def to_reward_spec(cfg: RiftConfig) -> RewardSpec:
+    """``algorithm.reward`` 'math' / 'exact' is the kind; anything else is a function path
+    (imported here, so a wrong path fails at start-up naming it)."""
+    from rift_megatron.rollout.rewards import RewardSpec
+
+    a = cfg.algorithm
+    kind, function = (a.reward, None) if a.reward in ("math", "exact") else ("function", a.reward)
+    return RewardSpec(
+        kind=kind,
+        function=function,
+        r_pos=a.r_pos,
+        r_neg=a.r_neg,
+        timeout_s=a.reward_timeout_s,
+        workers=a.reward_workers,
+        memory_limit_mb=a.reward_memory_limit_mb,
+    )
+
+
+def to_sampling_config(cfg: RiftConfig) -> SamplingConfig:
+    """Sampling for training rollouts."""
+    from rift_megatron.rollout.engine import SamplingConfig
+
+    r = cfg.rollout
+    return SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens, stop=r.stop)
+
+
+def to_eval_sampling_config(cfg: RiftConfig) -> SamplingConfig:
+    """Sampling for evaluation: eval's temperature and length, no top-p / top-k, rollout's stop strings."""
+    from rift_megatron.rollout.engine import SamplingConfig
+
+    e = cfg.eval
+    return SamplingConfig(
+        temperature=e.temperature, max_tokens=e.max_tokens or cfg.rollout.max_tokens, stop=cfg.rollout.stop
+    )
+
+
+def to_engine_config(cfg: RiftConfig, max_model_len: int | None = None) -> EngineConfig:
+    """The vLLM engine for ``model.hf_dir``. Context length: ``rollout.max_model_len`` if set, else
+    ``max_model_len`` (the trainer passes longest prompt + max_tokens)."""
+    from rift_megatron.rollout.engine import EngineConfig
+
+    r = cfg.rollout
+    length = r.max_model_len or max_model_len
+    if cfg.model.hf_dir is None:
+        raise ConfigError("model.hf_dir is not set (the rollout engine loads the model from it)")
+    if length is None:
+        raise ConfigError("rollout.max_model_len is null and no context length was given to to_engine_config")
+    return EngineConfig(
+        model=cfg.model.hf_dir,
+        dtype=r.engine_dtype,
+        max_model_len=length,
+        tensor_parallel_size=r.engine_tensor_parallel,
+        gpu_memory_utilization=r.gpu_memory_utilization,
+        cpu_kv_cache_gib=r.cpu_kv_cache_gib,
+        enable_sleep_mode=r.enable_sleep_mode,
+        seed=cfg.training.seed,
+    )
+
+
+def sync_check_tolerance(cfg: RiftConfig) -> float | None:
+    """Max |trainer - engine| log-prob after a weight push; None when the check is off."""
+    if not cfg.rollout.sync_check:
+        return None
+    return cfg.rollout.sync_check_atol if cfg.rollout.sync_check_atol is not None else _SYNC_ATOL[cfg.model.dtype]

@@ -1,0 +1,245 @@
+"""The typed config tree of a training run: one frozen dataclass per section.
+
+Every field carries its documentation in ``metadata["doc"]`` (shown by ``dump_yaml(cfg,
+comments=True)``) and, where it has one, a numeric range (``min`` / ``gt`` / ``max`` / ``lt``)
+that :func:`rift_megatron.config.checks.check_config` enforces. Types are the contract the
+loader checks: ``int`` never accepts a bool, ``float`` accepts an int, ``X | None`` is the only
+way to accept null, ``Literal[...]`` lists the allowed values.
+
+Relative paths are relative to the working directory of the launching process, as in
+Megatron-LM and torchtitan (not to the config file).
+
+Nothing here imports torch or megatron: the config loads in milliseconds and is testable alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "AlgorithmConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimSection",
+    "ParallelConfig",
+    "RiftConfig",
+    "RolloutConfig",
+    "TrainingConfig",
+]
+
+
+class ConfigError(ValueError):
+    """A bad config: each line of the message names one key and what is wrong with it."""
+
+
+def _f(default: Any, doc: str, **limits: float) -> Any:
+    """A field with its user documentation and optional numeric limits (min, gt, max, lt)."""
+    return field(default=default, metadata={"doc": doc, **limits})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model being fine-tuned."""
+
+    hf_dir: str | None = _f(
+        None,
+        "Hugging Face model folder (config.json, tokenizer files, safetensors weights). Required: the "
+        "trainer reads the architecture and tokenizer here and the rollout engine starts from it.",
+    )
+    mcore_ckpt: str | None = _f(
+        None,
+        "Megatron checkpoint with the initial weights (from `rift convert hf-to-mcore`); null: the "
+        "trainer converts hf_dir's weights on the fly. Any TP/PP layout loads.",
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = _f(
+        "fp32", "Trainer parameter / compute dtype: fp32 (the CPU default), bf16 (GPU), fp16."
+    )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Model parallelism; the data-parallel size is world_size / (tensor x pipeline)."""
+
+    tensor: int = _f(1, "Tensor-parallel size (TP): splits every layer's weights over this many ranks.", min=1)
+    pipeline: int = _f(1, "Pipeline-parallel size (PP): splits the layers into this many stages.", min=1)
+    virtual_pipeline: int | None = _f(
+        None, "Virtual pipeline stages per rank (interleaved schedule, needs pipeline >= 2); null: off.", min=2
+    )
+    sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tensor >= 2).")
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """Adam and the learning-rate schedule; steps are optimizer steps (one per global batch)."""
+
+    lr: float = _f(1e-5, "Peak learning rate.", gt=0)
+    min_lr: float = _f(0.0, "Learning rate at the end of the decay (0 <= min_lr <= lr).", min=0)
+    weight_decay: float = _f(0.0, "Decoupled weight decay.", min=0)
+    adam_beta1: float = _f(0.9, "Adam beta1.", min=0, lt=1)
+    adam_beta2: float = _f(0.999, "Adam beta2.", min=0, lt=1)
+    adam_eps: float = _f(1e-8, "Adam epsilon.", gt=0)
+    clip_grad: float = _f(1.0, "Global gradient-norm clipping threshold; 0 disables clipping.", min=0)
+    lr_warmup_steps: int = _f(0, "Linear warm-up from 0 to lr over this many optimizer steps.", min=0)
+    lr_decay_steps: int | None = _f(
+        None, "Decay length in optimizer steps; null: training.steps (the whole run).", min=1
+    )
+    lr_decay_style: Literal["constant", "linear", "cosine"] = _f(
+        "constant", "Shape of the decay from lr to min_lr after the warm-up."
+    )
+    use_distributed_optimizer: bool = _f(
+        True, "Shard optimizer state over data-parallel ranks (Megatron's distributed optimizer)."
+    )
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The objective (see RIFT.md) and the reward that feeds it."""
+
+    name: Literal["rift", "rft", "sft", "naive"] = _f(
+        "rift",
+        "rift: reward-weighted NLL for r > 0, |r| * min(ratio, cap) for r < 0 (bounded); rft: NLL on "
+        "correct samples only; sft: NLL on every sample; naive: -r * logprob for all (unbounded, ablation).",
+    )
+    ratio_cap: float | None = _f(
+        None, "Cap C on the importance ratio of negative samples; null: no cap.", gt=0
+    )
+    granularity: Literal["token", "sequence"] = _f(
+        "token", "Negative-branch ratio per token, or one length-normalised ratio per sequence."
+    )
+    normalization: Literal["global", "per_sign"] = _f(
+        "global",
+        "global: divide by all non-zero-reward tokens of the global batch (the paper's expectation); "
+        "per_sign: average positives and negatives separately, then add.",
+    )
+    r_pos: float = _f(1.0, "Reward of a sample the verifier accepts.")
+    r_neg: float = _f(-0.2, "Reward of a sample the verifier rejects.")
+    reward: str = _f(
+        "math",
+        "Verifier: 'math' (symbolic answer check), 'exact' (normalised string match), or a "
+        "function 'pkg.module:name' taking (prompt, response, answer) -> bool | float.",
+    )
+    reward_timeout_s: float = _f(5.0, "Wall-clock limit per verification, in seconds.", gt=0)
+    reward_workers: int = _f(2, "Verifier worker processes per rank.", min=1)
+    reward_memory_limit_mb: int | None = _f(
+        4096, "Address-space cap of each verifier worker in MiB; null: no cap.", min=256
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the training samples come from."""
+
+    mode: Literal["online", "offline"] = _f(
+        "online",
+        "online: sample from `prompts` with the co-located engine every step; offline: train on a "
+        "scored buffer written by `rift rollout` (the paper's setting).",
+    )
+    prompts: str | None = _f(None, "Prompt file (JSONL or Parquet) for online mode.")
+    buffer: str | None = _f(None, "Buffer directory (rollout.parquet + manifest.json) for offline mode.")
+    prompt_field: str = _f("prompt", "Field / column holding the prompt text.")
+    answer_field: str = _f("answer", "Field / column holding the reference answer for the verifier.")
+    chat_template: bool = _f(False, "Wrap prompts in the tokenizer's chat template.")
+    prompts_per_step: int = _f(
+        8, "Online: prompts per rollout batch (each sampled rollout.k times).", min=1
+    )
+    shuffle: bool = _f(True, "Reshuffle prompts (or buffer samples) every epoch, seeded by training.seed.")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling and the co-located vLLM engine (online mode; `k` and sampling also for eval defaults)."""
+
+    k: int = _f(8, "Samples per prompt.", min=1)
+    temperature: float = _f(1.0, "Sampling temperature (0: greedy).", min=0)
+    top_p: float = _f(1.0, "Nucleus sampling threshold, in (0, 1].", gt=0, max=1)
+    top_k: int = _f(-1, "Top-k sampling; -1: off.", min=-1)
+    max_tokens: int = _f(256, "Maximum response length in tokens.", min=1)
+    stop: tuple[str, ...] = _f((), "Stop strings (the response ends before them).")
+    engine_tensor_parallel: int = _f(
+        1, "Tensor-parallel size of each engine; one engine per this many consecutive ranks.", min=1
+    )
+    engine_dtype: Literal["auto", "bfloat16", "float16", "float32"] = _f(
+        "auto", "vLLM weight dtype; auto: the HF config's torch_dtype."
+    )
+    gpu_memory_utilization: float = _f(
+        0.5, "Fraction of GPU memory vLLM may use (weights + KV cache), in (0, 1].", gt=0, max=1
+    )
+    max_model_len: int | None = _f(
+        None, "Engine context length; null: longest prompt + max_tokens.", min=1
+    )
+    cpu_kv_cache_gib: int = _f(1, "KV cache size on CPU, in GiB.", min=1)
+    enable_sleep_mode: bool = _f(True, "Release engine memory while training (GPU only; a no-op on CPU).")
+    sync_bucket_mb: int = _f(256, "Trainer -> engine weight push bucket size in MiB (peak extra memory).", min=1)
+    sync_check: bool = _f(True, "After every push, compare engine and trainer log-probs on a probe sequence.")
+    sync_check_atol: float | None = _f(
+        None, "Max |log-prob difference| for sync_check; null: 1e-3 for model.dtype fp32, 0.1 for bf16/fp16.", gt=0
+    )
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Length of the run and batch sizes (in samples: one sample = one prompt + one response)."""
+
+    steps: int = _f(100, "Optimizer steps in total (the LR schedule counts these).", min=1)
+    epochs_per_rollout: int = _f(
+        1, "Online: passes over each rollout batch (prompts_per_step x k samples) before the next rollout.", min=1
+    )
+    global_batch_size: int = _f(64, "Samples per optimizer step, over all data-parallel ranks.", min=1)
+    micro_batch_size: int = _f(4, "Samples per forward/backward pass on one rank.", min=1)
+    seed: int = _f(1234, "Seed of model init, data order, sampling and dropout.", min=0)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Training checkpoints (model, optimizer, scheduler, sampler and RNG state, this config)."""
+
+    dir: str | None = _f(None, "Checkpoint directory; null: no checkpoints are written.")
+    interval: int = _f(0, "Save every this many optimizer steps; 0: only at the end (when dir is set).", min=0)
+    keep_last: int | None = _f(3, "Keep the newest N checkpoints; null: keep all.", min=1)
+    resume: str = _f(
+        "auto", "auto: continue from the latest checkpoint in dir if any; none: start fresh; or a checkpoint path."
+    )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation (accuracy / pass@k of the current policy)."""
+
+    prompts: str | None = _f(None, "Held-out prompt file (same fields as data); null: no evaluation.")
+    interval: int = _f(0, "Evaluate every this many optimizer steps; 0: only at the start and end.", min=0)
+    k: int = _f(1, "Samples per prompt (pass@k is reported for this k).", min=1)
+    temperature: float = _f(0.0, "Sampling temperature (0: greedy).", min=0)
+    max_tokens: int | None = _f(None, "Maximum response length; null: rollout.max_tokens.", min=1)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Metrics output."""
+
+    dir: str = _f("runs/latest", "Run directory: metrics, TensorBoard events, the resolved config.")
+    tensorboard: bool = _f(True, "Write TensorBoard event files under dir.")
+    wandb: bool = _f(False, "Log to Weights & Biases (needs `wandb` installed and logged in).")
+    wandb_project: str = _f("rift-megatron", "W&B project name.")
+    wandb_run_name: str | None = _f(None, "W&B run name; null: W&B picks one.")
+    log_interval: int = _f(1, "Print and log metrics every this many optimizer steps.", min=1)
+
+
+@dataclass(frozen=True)
+class RiftConfig:
+    """A whole training run. ``load_config`` builds it from YAML plus ``key.sub=value`` overrides."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": ModelConfig.__doc__})
+    parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": ParallelConfig.__doc__})
+    optim: OptimSection = field(default_factory=OptimSection, metadata={"doc": OptimSection.__doc__})
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig, metadata={"doc": AlgorithmConfig.__doc__})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": DataConfig.__doc__})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": RolloutConfig.__doc__})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"doc": TrainingConfig.__doc__})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"doc": CheckpointConfig.__doc__})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": EvalConfig.__doc__})
+    logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"doc": LoggingConfig.__doc__})
