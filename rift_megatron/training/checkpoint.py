@@ -1,25 +1,94 @@
-"""Model weights in Megatron's `dist_checkpointing` (torch_dist) format.
+"""Checkpoints in Megatron's `dist_checkpointing` (torch_dist) format, loadable at any layout.
 
-A checkpoint written at one TP/PP/VPP layout loads at any other: the sharded state dict names
-every tensor by its global key and offset, and the chunks of a virtual pipeline are merged into
-one flat container so the on-disk structure does not depend on the layout either. Writes go to a
-temporary directory that is renamed into place, so a crash never leaves a half-written
-checkpoint that looks complete.
+Model-only checkpoints (`save_model_checkpoint`) hold the weights; training checkpoints
+(`save_training_checkpoint`) add the optimizer (its fully-sharded model-space form, so a run
+can resume at another data-parallel size), the LR scheduler, every RNG state, the trainer's
+counters and sampler position, and the resolved config.
+
+A run directory looks like
+
+    <run>/iter_0000010/   metadata.json, .metadata, *.distcp, common.pt   (model + optimizer)
+                          trainer_state.json, config.yaml, hf_assets/, rng/rank_00000.pt ...
+    <run>/latest          "iter_0000010": written last, after the directory is complete
+
+Every checkpoint is written into a hidden staging directory and renamed into place, and `latest`
+is replaced atomically after that, so a crash mid-write leaves the previous checkpoint current.
+The chunks of a virtual pipeline are merged into one container and tensors are matched by their
+global keys, so the on-disk structure does not depend on the layout.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"
+RNG_DIR = "rng"
+ITERATION_PREFIX = "iter_"
 
 
 def _sharded_model_state(chunks: list[torch.nn.Module]) -> dict:
     # Keys of the container are positional ("chunk0", ...) but dist_checkpointing matches tensors
     # by their ShardedTensor key (global layer index included), so any chunking loads any other.
     return {f"chunk{index}": chunk.sharded_state_dict() for index, chunk in enumerate(chunks)}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _staging_for(directory: Path) -> Path:
+    return directory.with_name(f".{directory.name}.partial")
+
+
+def _save_sharded(sharded: dict, directory: Path, rank0_files=None, every_rank_files=None, after_rename=None) -> Path:
+    """Collective: stage, add files (rank 0 / every rank), save the sharded state, rename into
+    place, then run `after_rename` on rank 0 (e.g. move the `latest` pointer)."""
+    from megatron.core import dist_checkpointing
+
+    from rift_megatron.staging import replace_directory
+
+    staging = _staging_for(directory)
+    if _rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        if rank0_files is not None:
+            rank0_files(staging)
+    _barrier()
+    if every_rank_files is not None:
+        every_rank_files(staging)
+    dist_checkpointing.save(sharded, str(staging))
+    _barrier()
+    if _rank() == 0:
+        replace_directory(staging, directory)
+        if after_rename is not None:
+            after_rename()
+    _barrier()
+    return directory
+
+
+def _copy_assets(hf_assets: str | Path | None):
+    def write(staging: Path) -> None:
+        if hf_assets is not None:
+            from rift_megatron.convert.checkpoint_files import HF_ASSETS, copy_hf_assets
+
+            copy_hf_assets(Path(hf_assets), staging / HF_ASSETS)
+
+    return write
 
 
 def save_model_checkpoint(
@@ -31,25 +100,7 @@ def save_model_checkpoint(
     `rift convert hf-to-mcore`) is copied in, so `rift convert mcore-to-hf` can export the
     checkpoint without being told what model it holds.
     """
-    from megatron.core import dist_checkpointing
-
-    from rift_megatron.convert.checkpoint_files import HF_ASSETS, copy_hf_assets
-    from rift_megatron.staging import replace_directory
-
-    directory = Path(directory)
-    staging = directory.with_name(f".{directory.name}.partial")
-    if dist.get_rank() == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        if hf_assets is not None:
-            copy_hf_assets(Path(hf_assets), staging / HF_ASSETS)
-    dist.barrier()
-    dist_checkpointing.save(_sharded_model_state(chunks), str(staging))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        replace_directory(staging, directory)
-    dist.barrier()
-    return directory
+    return _save_sharded(_sharded_model_state(chunks), Path(directory), _copy_assets(hf_assets))
 
 
 def load_model_checkpoint(chunks: list[torch.nn.Module], directory: str | Path) -> None:
@@ -62,3 +113,170 @@ def load_model_checkpoint(chunks: list[torch.nn.Module], directory: str | Path) 
     loaded = dist_checkpointing.load(_sharded_model_state(chunks), str(directory))
     for index, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"chunk{index}"])
+
+
+# ---- training checkpoints ----------------------------------------------------------------------
+
+
+def iteration_name(step: int) -> str:
+    return f"{ITERATION_PREFIX}{step:07d}"
+
+
+def rng_states() -> dict:
+    """This rank's RNG states: python, numpy, torch, and Megatron's tensor-parallel tracker."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    get_cuda_rng_tracker().set_states(states["tracker"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+# Distributed-optimizer state format: "dp_reshardable" saves each rank's buffers in parallel and
+# lets a run resume at another data-parallel size (Megatron-LM's default). "fully_reshardable"
+# (gathers every buffer on DP rank 0) would also allow changing TP/PP; the model-space format
+# Megatron documents as default needs flattened ShardedTensors, which 0.16.1 no longer supports.
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _optimizer_sharded_state(state, model_state: dict, is_loading: bool) -> dict:
+    if is_loading:
+        _materialize_optimizer_state(state.optimizer)
+    return state.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_SHARDING)
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a never-stepped optimizer its (zero) state, so its sharded state dict has the
+    structure the checkpoint is loaded into. Without apex / TE, Megatron reads the Adam `step`
+    from every parameter's state, which torch only creates at the first step."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = part.optimizer
+        if len(inner.state) == 0 and part.init_state_fn is not None:
+            part.init_state_fn(inner, part.config)
+            for param_state in inner.state.values():
+                param_state.setdefault("step", torch.tensor(0.0))
+
+
+def save_training_checkpoint(
+    run_dir: str | Path,
+    state,
+    trainer_state: dict,
+    config_yaml: str,
+    hf_assets: str | Path | None = None,
+    keep_last: int = 0,
+) -> Path:
+    """Collective: write `<run_dir>/iter_<step>` and then point `latest` at it.
+
+    `state` is a `TrainState`; `trainer_state` is a JSON-able dict of the loop's own counters
+    (it is extended with the scheduler state). `keep_last > 0` deletes older iterations.
+    """
+    run_dir = Path(run_dir)
+    directory = run_dir / iteration_name(state.step)
+    model_state = _sharded_model_state(state.unwrapped_chunks())
+    sharded = {"model": model_state, "optimizer": _optimizer_sharded_state(state, model_state, is_loading=False)}
+    payload = dict(trainer_state, step=state.step, scheduler=state.scheduler.state_dict(),
+                   world_size=dist.get_world_size() if dist.is_initialized() else 1)
+
+    def rank0_files(staging: Path) -> None:
+        _copy_assets(hf_assets)(staging)
+        (staging / TRAINER_STATE).write_text(json.dumps(payload, indent=2) + "\n")
+        (staging / CONFIG_FILE).write_text(config_yaml)
+        (staging / RNG_DIR).mkdir()
+
+    def every_rank_files(staging: Path) -> None:
+        torch.save(rng_states(), staging / RNG_DIR / f"rank_{_rank():05d}.pt")
+
+    def point_latest_here() -> None:
+        _write_text_atomically(run_dir / LATEST, directory.name + "\n")
+        if keep_last > 0:
+            _prune(run_dir, keep_last)
+
+    return _save_sharded(sharded, directory, rank0_files, every_rank_files, point_latest_here)
+
+
+def _prune(run_dir: Path, keep_last: int) -> None:
+    iterations = sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith(ITERATION_PREFIX))
+    for old in iterations[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint `latest` names, or None for a fresh run."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if not pointer.is_file():
+        return None
+    directory = run_dir / pointer.read_text().strip()
+    if not (directory / "metadata.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {directory.name}, which is not a complete checkpoint")
+    return directory
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Set every parameter's own Adam `step` from its param group after a load.
+
+    Without apex / TE, megatron-core 0.16.1 keeps torch AdamW's per-parameter `step` only in the
+    param groups of a checkpoint, and its dp_reshardable load path does not put it back into the
+    per-parameter state (which the bias correction reads), so a resumed run restarted Adam's step
+    count at 0 and diverged from the uninterrupted run at the first update. Each parameter gets
+    its own tensor: torch increments them in place.
+    """
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = part.optimizer
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                param_state = inner.state.get(param)
+                if param_state is not None and "step" in param_state:
+                    param_state["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+def load_training_checkpoint(directory: str | Path, state) -> dict:
+    """Collective: restore model, optimizer, scheduler and (same world size) RNG states.
+
+    Returns the saved trainer state. At another world size the RNG states cannot map one to
+    one; they are then left as the caller seeded them (the loop reseeds from (seed, step)).
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    payload = json.loads((directory / TRAINER_STATE).read_text())
+    chunks = state.unwrapped_chunks()
+    model_state = _sharded_model_state(chunks)
+    sharded = {"model": model_state, "optimizer": _optimizer_sharded_state(state, model_state, is_loading=True)}
+    loaded = dist_checkpointing.load(sharded, str(directory))
+    for index, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model"][f"chunk{index}"])
+    with torch.no_grad():  # the optimizer copies into its main params, leaves that require grad
+        state.optimizer.load_state_dict(loaded["optimizer"])
+    _restore_adam_steps(state.optimizer)
+    state.scheduler.load_state_dict(payload["scheduler"])
+    state.step = payload["step"]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rng_file = directory / RNG_DIR / f"rank_{_rank():05d}.pt"
+    if payload.get("world_size") == world and rng_file.is_file():
+        restore_rng_states(torch.load(rng_file, weights_only=False))
+    return payload
