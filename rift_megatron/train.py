@@ -1,0 +1,45 @@
+"""`torchrun ... -m rift_megatron.train --config FILE.yaml [key=value ...]` (and `rift train`).
+
+The config file plus dotted overrides make one typed config (rift_megatron/config/); bad keys,
+types or values are reported as one line each before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (every key: rift_megatron/config/schema.py)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.steps=10")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rift_megatron.config import load_config
+    from rift_megatron.training.loop import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rift_megatron.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="rift_megatron.train", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"rift train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The RIFT trainer: offline (a scored buffer) and online (rollout -> reward -> train -> sync).
+
+Online, one iteration: the co-located engines sample k responses for `data.prompts_per_step`
+prompts, the verifier scores them, every data-parallel rank takes its share, and
+`training.epochs_per_rollout` passes over it are made in optimizer steps of
+`training.global_batch_size` samples; then the new weights are pushed into the engines (and
+checked), evaluation and checkpoints happen at their intervals. Checkpoints are taken only at
+iteration boundaries, where the whole loop state is the trainer state plus the sampler.
+Offline: the buffer's samples are drawn `global_batch_size` at a time by the same seeded,
+resumable sampler; one optimizer step each.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rift_megatron.config import (
+    RiftConfig,
+    dump_yaml,
+    sync_check_tolerance,
+    to_engine_config,
+    to_loss_settings,
+    to_optim_config,
+    to_parallel_layout,
+    to_precision_config,
+    to_reward_spec,
+    to_sampling_config,
+    validate_for_world,
+)
+from rift_megatron.convert.checkpoint_files import HF_ASSETS
+from rift_megatron.data.prompts import load_prompts, render_prompt
+from rift_megatron.data.sampler import PromptSampler
+from rift_megatron.models.hf_config import load_hf_config
+from rift_megatron.parallel import destroy_model_parallel, init_distributed, init_model_parallel, is_main_rank
+from rift_megatron.rollout.batching import Sample, build_train_batch
+from rift_megatron.training.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from rift_megatron.training.metrics import MetricsLogger
+from rift_megatron.training.setup import setup_training
+from rift_megatron.training.step import train_step
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def initial_checkpoint(cfg: RiftConfig) -> Path:
+    """`model.mcore_ckpt`, or `hf_dir` converted once into the run directory (rank 0, in a
+    subprocess so the conversion's TP1 Megatron world does not touch the trainer's)."""
+    if cfg.model.mcore_ckpt:
+        return Path(cfg.model.mcore_ckpt)
+    target = Path(cfg.logging.dir) / "initial_mcore"
+    if is_main_rank() and not (target / "metadata.json").is_file():
+        command = [sys.executable, "-m", "rift_megatron.cli", "convert", "hf-to-mcore",
+                   "--hf", cfg.model.hf_dir, "--out", str(target), "--overwrite"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"converting {cfg.model.hf_dir} failed:\n{result.stderr[-3000:]}")
+    _barrier()
+    return target
+
+
+class Trainer:
+    """Builds everything from a validated config; `run()` trains to `training.steps`."""
+
+    def __init__(self, cfg: RiftConfig) -> None:
+        self.cfg = cfg
+        init_distributed()
+        self.dp_size = validate_for_world(cfg, dist.get_world_size())
+        self.arch = load_hf_config(cfg.model.hf_dir)
+        initial = initial_checkpoint(cfg)
+        layout = to_parallel_layout(cfg)
+        init_model_parallel(layout, seed=cfg.training.seed)
+        from megatron.core import parallel_state as ps
+
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.state = setup_training(self.arch, layout, to_optim_config(cfg), to_precision_config(cfg),
+                                    total_steps=cfg.training.steps, initial_weights=initial)
+        self.settings = to_loss_settings(cfg)
+        self.hf_assets = Path(initial) / HF_ASSETS
+        self.rollout_step = 0
+        self._sampler_state = None
+        resume_from = self._resume_checkpoint()
+        if resume_from is not None:
+            payload = load_training_checkpoint(resume_from, self.state)
+            self.rollout_step, self._sampler_state = payload["rollout_step"], payload["sampler"]
+        self.logger = MetricsLogger(cfg.logging.dir, enabled=is_main_rank(), tensorboard=cfg.logging.tensorboard,
+                                    total_steps=cfg.training.steps, resume_step=self.state.step)
+        if is_main_rank():
+            Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.logging.dir) / "config.yaml").write_text(dump_yaml(cfg))
+            print(f"resolved config{' (resumed from ' + str(resume_from) + ')' if resume_from else ''}:\n{dump_yaml(cfg)}")
+        self._build_data()
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def _resume_checkpoint(self) -> Path | None:
+        resume, directory = self.cfg.checkpoint.resume, self.cfg.checkpoint.dir
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return latest_checkpoint(directory) if directory else None
+        return Path(resume)
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if cfg.data.mode == "online":
+            self.records = load_prompts(cfg.data.prompts, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
+            self.prompt_ids = [render_prompt(self.tokenizer, r.prompt, chat_template=cfg.data.chat_template) for r in self.records]
+            self.sampler = PromptSampler(len(self.records), cfg.data.prompts_per_step, seed=cfg.training.seed, shuffle=cfg.data.shuffle)
+        else:
+            from rift_megatron.rollout.buffer import load_buffer
+
+            self.prompt_ids = []
+            self.buffer = load_buffer(cfg.data.buffer)
+            self.sampler = PromptSampler(len(self.buffer), cfg.training.global_batch_size, seed=cfg.training.seed, shuffle=cfg.data.shuffle)
+        if self._sampler_state is not None:
+            self.sampler.load_state_dict(self._sampler_state)
+        self.eval_ids = []
+        if cfg.eval.prompts:
+            self.eval_records = load_prompts(cfg.eval.prompts, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
+            self.eval_ids = [render_prompt(self.tokenizer, r.prompt, chat_template=cfg.data.chat_template) for r in self.eval_records]
+        self.engine = self.pool = None
+        if cfg.data.mode == "online" or cfg.eval.prompts:
+            from rift_megatron.rollout.engine import RolloutEngine
+            from rift_megatron.rollout.verifier_pool import VerifierPool
+
+            longest_prompt = max(len(ids) for ids in self.prompt_ids + self.eval_ids)
+            longest_response = max(cfg.rollout.max_tokens, cfg.eval.max_tokens or 0)
+            self.engine = RolloutEngine(to_engine_config(cfg, max_model_len=longest_prompt + longest_response))
+            self.pool = VerifierPool(to_reward_spec(cfg))
+
+    # ---- pieces of an iteration -------------------------------------------------------------
+
+    def _train_on(self, batch: dict, extra: dict, history: list) -> None:
+        """Optimizer steps over this rank's share `batch` in global batches; log each."""
+        per_rank = self.cfg.training.global_batch_size // self.dp_size
+        samples = batch["tokens"].shape[0]
+        for _ in range(self.cfg.training.epochs_per_rollout):
+            for start in range(0, samples, per_rank):
+                if self.state.step >= self.cfg.training.steps:
+                    return
+                chunk = {key: value[start:start + per_rank] for key, value in batch.items()}
+                started = time.perf_counter()
+                metrics = train_step(self.state, chunk, self.settings, self.cfg.training.micro_batch_size)
+                metrics.update(extra, train_seconds=time.perf_counter() - started)
+                history.append(metrics)
+                self.logger.log(metrics)
+                extra = {}
+
+    def _sync(self) -> dict:
+        from rift_megatron.rollout.weight_sync import check_engine_matches, push_weights
+        from rift_megatron.training.forward import sequence_logprobs
+
+        stats = push_weights(self.engine, self.state.unwrapped_chunks(), self.arch,
+                             bucket_bytes=self.cfg.rollout.sync_bucket_mb * 2**20)
+        result = {"sync_seconds": stats.seconds, "sync_bytes": float(stats.bytes)}
+        tolerance = sync_check_tolerance(self.cfg)
+        if self.cfg.rollout.sync_check and tolerance is not None:
+            ids = (self.prompt_ids if self.cfg.data.mode == "online" else self.eval_ids)[0]
+            probe = torch.tensor([ids], dtype=torch.long)
+            trainer = sequence_logprobs(self.state.model, probe, self.arch.vocab_size)
+            result["sync_probe_max_abs_diff"] = check_engine_matches(self.engine, trainer, probe, tolerance)
+        return result
+
+    def _evaluate(self) -> dict:
+        from rift_megatron.rollout.evaluate import evaluate
+
+        max_tokens = self.cfg.eval.max_tokens or self.cfg.rollout.max_tokens
+        result = evaluate(self.engine, self.eval_records, self.eval_ids, self.pool, max_tokens=max_tokens,
+                          k=self.cfg.eval.k, temperature=self.cfg.eval.temperature, step=10**6 + self.state.step)
+        metrics = {"eval_accuracy": result["pass@1_greedy"]}
+        if self.cfg.eval.k > 1:
+            metrics[f"eval_pass@{self.cfg.eval.k}"] = result[f"pass@{self.cfg.eval.k}"]
+        return metrics
+
+    def _checkpoint(self) -> None:
+        save_training_checkpoint(
+            self.cfg.checkpoint.dir, self.state,
+            {"rollout_step": self.rollout_step, "sampler": self.sampler.state_dict()},
+            dump_yaml(self.cfg), hf_assets=self.hf_assets, keep_last=self.cfg.checkpoint.keep_last or 0,
+        )
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> list[dict]:
+        """Train to `training.steps`; returns the per-step metrics logged by this run."""
+        cfg, history = self.cfg, []
+        pending: dict = {}
+        if self.engine is not None:
+            pending.update(self._sync())  # the engine starts from hf_dir; a resumed trainer differs
+            if cfg.eval.prompts and self.state.step == 0:
+                pending.update({f"initial_{k}": v for k, v in self._evaluate().items()})
+        last_checkpoint = self.state.step
+        while self.state.step < cfg.training.steps:
+            before = self.state.step
+            if cfg.data.mode == "online":
+                rollout = self._rollout_batch()
+                self._train_on(rollout.train_batch, {**pending, **rollout.metrics}, history)
+                pending = self._sync()
+            else:
+                indices = PromptSampler.shard(self.sampler.next_batch(), self.dp_rank, self.dp_size)
+                batch = build_train_batch([self._buffer_sample(i) for i in indices], pad_id=self.pad_id)
+                self._train_on(batch, pending, history)
+                pending = {}
+            crossed = lambda interval: interval > 0 and before // interval != self.state.step // interval
+            if cfg.eval.prompts and crossed(cfg.eval.interval):
+                evaluation = self._evaluate()
+                if history:
+                    history[-1].update(evaluation)
+                pending.update(evaluation)
+            if cfg.checkpoint.dir and crossed(cfg.checkpoint.interval) and self.state.step < cfg.training.steps:
+                self._checkpoint()
+                last_checkpoint = self.state.step
+        if cfg.eval.prompts:
+            final = self._evaluate()
+            if history:
+                history[-1].update({f"final_{k}": v for k, v in final.items()})
+            if is_main_rank():
+                self.logger.log({"step": self.state.step, **{f"final_{k}": v for k, v in final.items()}})
+        if cfg.checkpoint.dir and last_checkpoint != self.state.step:
+            self._checkpoint()
+        return history
+
+    def _rollout_batch(self):
+        from rift_megatron.rollout.loader import RolloutDataLoader
+
+        if not hasattr(self, "_loader"):
+            self._loader = RolloutDataLoader(
+                self.records, self.prompt_ids, self.sampler, self.engine, self.pool, k=self.cfg.rollout.k,
+                sampling=to_sampling_config(self.cfg), pad_id=self.pad_id,
+                engine_tensor_parallel=self.cfg.rollout.engine_tensor_parallel,
+            )
+        batch = self._loader.next_batch(self.rollout_step, self.dp_rank, self.dp_size)
+        self.rollout_step += 1
+        return batch
+
+    def _buffer_sample(self, index: int) -> Sample:
+        row = self.buffer[index]
+        return Sample(row.prompt_ids, row.response_ids, row.behavior_logprobs, row.reward)
+
+    def close(self) -> None:
+        self.logger.close()
+        if self.pool is not None:
+            self.pool.close()
+        destroy_model_parallel()
