@@ -10,6 +10,7 @@ from rift_megatron import __version__
 from rift_megatron.convert import cli as convert_cli
 from rift_megatron import train as train_entry
 from rift_megatron.rollout import cli as rollout_cli
+from rift_megatron.rollout import eval_cli
 from rift_megatron.staging import OutputExistsError
 
 # Bad input (files, fields, flag values) is reported as one line; ConversionError,
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     convert_cli.register(commands)
     rollout_cli.register(commands)
+    eval_cli.register(commands)
     train = commands.add_parser("train", help="train with a config file (one process; torchrun -m rift_megatron.train for more)")
     train_entry.add_arguments(train)
     train.set_defaults(handler=train_entry.run)
