@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from rift_megatron.convert.errors import ConversionError
 from torch.distributed.checkpoint import FileSystemWriter, save
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -107,12 +110,21 @@ def write_megatron_checkpoint(directory: Path, chunks: Sequence[LazyChunk], obje
     not a checkpoint).
     """
     directory.mkdir(parents=True, exist_ok=True)
-    save(
-        {},
-        storage_writer=FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1),
-        planner=_OnDemandPlanner(chunks, objects),
-        no_dist=not dist.is_initialized() or dist.get_world_size() == 1,
-    )
+    try:
+        save(
+            {},
+            storage_writer=FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1),
+            planner=_OnDemandPlanner(chunks, objects),
+            no_dist=not dist.is_initialized() or dist.get_world_size() == 1,
+        )
+    except CheckpointException as error:
+        # DCP wraps what a chunk's producer raised (a bad input found mid-write, e.g. an fp16
+        # overflow); surface the user's error itself, not DCP's multi-rank report.
+        for failure in error.failures.values():
+            original = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(original, ConversionError):
+                raise original from None
+        raise
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({}, directory / "common.pt")
         (directory / "metadata.json").write_text(json.dumps(MEGATRON_CHECKPOINT_CONFIG))

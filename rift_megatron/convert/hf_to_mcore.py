@@ -240,9 +240,12 @@ def _spawned_rank(rank: int, world: int, port: int, hf_dir: str, staging: str, d
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    source = inspect_source(hf_dir)
-    with tp1_megatron_world():
-        results.put(_write_rank_share(source, Path(staging), dtype))
+    try:
+        source = inspect_source(hf_dir)
+        with tp1_megatron_world():
+            results.put(("checksums", _write_rank_share(source, Path(staging), dtype)))
+    except ConversionError as error:  # every rank sees it (DCP gathers failures): report once
+        results.put(("error", str(error)))
 
 
 def _write_with_processes(source: SourceModel, staging: Path, dtype: torch.dtype, nproc: int) -> dict[str, str]:
@@ -256,11 +259,15 @@ def _write_with_processes(source: SourceModel, staging: Path, dtype: torch.dtype
     try:
         mp.start_processes(_spawned_rank, args=(nproc, port, str(source.hf_dir), str(staging), dtype, results),
                            nprocs=nproc, start_method="spawn")
-    except mp.ProcessRaisedException as error:
-        raise ConversionError(f"a conversion process failed:\n{error}") from None
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
+        last_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+        raise ConversionError(f"a conversion process failed: {last_line}") from None
     checksums: dict[str, str] = {}
     while not results.empty():
-        checksums.update(results.get())
+        kind, payload = results.get()
+        if kind == "error":
+            raise ConversionError(payload)
+        checksums.update(payload)
     return checksums
 
 
