@@ -7,6 +7,8 @@ import itertools
 import math
 import os
 import time
+import tempfile
+from pathlib import Path
 import uuid
 
 import pytest
@@ -376,8 +378,13 @@ def _payloads(marker: str) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["math", "exact"])
-def test_no_eval_of_model_output_in_pool(kind, math_pool, tmp_path):
-    marker = tmp_path / f"pwned-{uuid.uuid4().hex}"
+def test_no_eval_of_model_output_in_pool(kind, math_pool):
+    # The gold answer is what os.system returns (0), so an evaluated payload would score correct.
+    # The marker path must contain no digit, or the plain-number fallback could read a "0" out of
+    # the path itself and score the payload correct without any evaluation.
+    letters = uuid.uuid4().hex.translate(str.maketrans("0123456789", "ghijklmnop"))
+    marker = Path(tempfile.gettempdir()) / f"rift-no-eval-{letters}"
+    assert not any(ch.isdigit() for ch in str(marker))
     items = [("", payload, "0") for payload in _payloads(str(marker))]
     if kind == "math":
         results = math_pool.score_all(items)
@@ -396,7 +403,10 @@ def test_no_eval_based_parser_on_any_path(monkeypatch, tmp_path):
     import sympy
     import sympy.parsing.sympy_parser as sympy_parser
 
-    math_is_correct(r"\boxed{1}", "1")  # warm up: SymPy's own import-time sympify calls are not ours
+    # Warm up every lazily imported part first (units, sets, intervals): SymPy's own import-time
+    # sympify calls on its constants ("yotta", ...) are not model text and not ours.
+    for warm_up in (r"\boxed{1}", r"\boxed{12\text{ cm}}", r"\boxed{50\%}", r"\boxed{[1, 2)}", r"\boxed{1,2}"):
+        math_is_correct(warm_up, "1")
     calls = []
 
     def trap(*args, **kwargs):
