@@ -534,3 +534,17 @@ def test_engine_context_length_and_sync_tolerance(runtime_cfg):
     assert sync_check_tolerance(RiftConfig()) == 1e-3  # fp32 default
     assert sync_check_tolerance(load_config(None, ["rollout.sync_check_atol=0.02"])) == 0.02
     assert sync_check_tolerance(load_config(None, ["rollout.sync_check=false"])) is None
+
+
+@pytest.mark.parametrize(
+    "path, world_size",
+    [("examples/llama31_8b_single_node/config.yaml", 8), ("examples/qwen25_72b_multinode/config.yaml", 32)],
+)
+def test_gpu_example_configs_load_and_fit_their_world(path, world_size):
+    """The GPU examples cannot run here; their layout arithmetic is checked for the world they
+    are written for (their model / data paths exist only on a cluster)."""
+    from rift_megatron.config.checks import _world_problems
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / path)
+    assert list(_world_problems(cfg, world_size)) == []
+    assert list(_world_problems(cfg, world_size // 2 + 1))  # and the check can fail
