@@ -17,12 +17,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from rift_megatron.config import load_config
+    from rift_megatron.parallel import is_main_rank
     from rift_megatron.training.loop import Trainer
+    from rift_megatron.training.summary import report_run
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg)
     try:
         trainer.run()
+        if is_main_rank():
+            report_run(cfg.logging.dir)
     finally:
         trainer.close()
     return 0
