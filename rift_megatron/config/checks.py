@@ -99,6 +99,8 @@ def _cross_field_problems(cfg: RiftConfig) -> Iterator[tuple[str, str]]:
         yield "checkpoint.interval", f"is {ckpt.interval} but checkpoint.dir is null: set checkpoint.dir to save checkpoints"
     if ev.interval > 0 and ev.prompts is None:
         yield "eval.interval", f"is {ev.interval} but eval.prompts is null: set eval.prompts to evaluate"
+    if ev.stop_at_accuracy is not None and ev.interval == 0:
+        yield "eval.stop_at_accuracy", "needs periodic evaluations: set eval.interval > 0 (and eval.prompts)"
     if ev.k > 1 and ev.temperature == 0:
         yield "eval.k", f"is {ev.k} but eval.temperature is 0 (greedy): the samples would be identical"
 

@@ -215,6 +215,12 @@ class EvalConfig:
     k: int = _f(1, "Samples per prompt (pass@k is reported for this k).", min=1)
     temperature: float = _f(0.0, "Sampling temperature (0: greedy).", min=0)
     max_tokens: int | None = _f(None, "Maximum response length; null: rollout.max_tokens.", min=1)
+    stop_at_accuracy: float | None = _f(
+        None,
+        "Stop training early once a periodic evaluation's accuracy reaches this value (e.g. a warm-up "
+        "to a target level, chosen on a validation file); null: train to training.steps.",
+        min=0, max=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -226,7 +232,9 @@ class LoggingConfig:
     wandb: bool = _f(False, "Log to Weights & Biases (needs `wandb` installed and logged in).")
     wandb_project: str = _f("rift-megatron", "W&B project name.")
     wandb_run_name: str | None = _f(None, "W&B run name; null: W&B picks one.")
-    log_interval: int = _f(1, "Print and log metrics every this many optimizer steps.", min=1)
+    log_interval: int = _f(
+        1, "Print the console line every this many optimizer steps (metrics.jsonl, TensorBoard and W&B get every step).", min=1
+    )
 
 
 @dataclass(frozen=True)

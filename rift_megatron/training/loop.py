@@ -15,6 +15,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -90,8 +91,11 @@ class Trainer:
         if resume_from is not None:
             payload = load_training_checkpoint(resume_from, self.state)
             self.rollout_step, self._sampler_state = payload["rollout_step"], payload["sampler"]
+        wandb_run = ({"project": cfg.logging.wandb_project, "name": cfg.logging.wandb_run_name, "config": asdict(cfg)}
+                     if cfg.logging.wandb else None)
         self.logger = MetricsLogger(cfg.logging.dir, enabled=is_main_rank(), tensorboard=cfg.logging.tensorboard,
-                                    total_steps=cfg.training.steps, resume_step=self.state.step)
+                                    total_steps=cfg.training.steps, resume_step=self.state.step,
+                                    console_interval=cfg.logging.log_interval, wandb_run=wandb_run)
         if is_main_rank():
             Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.logging.dir) / "config.yaml").write_text(dump_yaml(cfg))
@@ -204,7 +208,7 @@ class Trainer:
             pending.update(self._sync())  # the engine starts from hf_dir; a resumed trainer differs
             if cfg.eval.prompts and self.state.step == 0:
                 pending.update({f"initial_{k}": v for k, v in self._evaluate().items()})
-        last_checkpoint = self.state.step
+        last_checkpoint, last_evaluation = self.state.step, None
         while self.state.step < cfg.training.steps:
             before = self.state.step
             if cfg.data.mode == "online":
@@ -218,15 +222,23 @@ class Trainer:
                 pending = {}
             crossed = lambda interval: interval > 0 and before // interval != self.state.step // interval
             if cfg.eval.prompts and crossed(cfg.eval.interval):
-                evaluation = self._evaluate()
+                evaluation = last_evaluation = self._evaluate()
                 if history:
                     history[-1].update(evaluation)
-                pending.update(evaluation)
+                self.logger.log({"step": self.state.step, **evaluation})
+                if cfg.eval.stop_at_accuracy is not None and evaluation["eval_accuracy"] >= cfg.eval.stop_at_accuracy:
+                    if is_main_rank():
+                        print(f"eval accuracy {evaluation['eval_accuracy']:.3f} >= eval.stop_at_accuracy "
+                              f"{cfg.eval.stop_at_accuracy}: stopping at step {self.state.step}")
+                    break
+            else:
+                last_evaluation = None
             if cfg.checkpoint.dir and crossed(cfg.checkpoint.interval) and self.state.step < cfg.training.steps:
                 self._checkpoint()
                 last_checkpoint = self.state.step
         if cfg.eval.prompts:
-            final = self._evaluate()
+            # The weights a periodic eval of the last step measured have not changed since.
+            final = last_evaluation or self._evaluate()
             if history:
                 history[-1].update({f"final_{k}": v for k, v in final.items()})
             if is_main_rank():

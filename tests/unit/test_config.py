@@ -268,6 +268,9 @@ def test_missing_config_file():
         (["checkpoint.interval=5"], "is 5 but checkpoint.dir is null"),
         (["eval.interval=5"], "is 5 but eval.prompts is null"),
         (["eval.k=4"], "is 4 but eval.temperature is 0 (greedy)"),
+        (["eval.stop_at_accuracy=0.5"], "config key 'eval.stop_at_accuracy' (in override 'eval.stop_at_accuracy=0.5') "
+         "needs periodic evaluations: set eval.interval > 0"),
+        (["eval.stop_at_accuracy=1.5"], "must be <= 1, got 1.5"),
     ],
 )
 def test_values_out_of_range_or_inconsistent_are_named(overrides, message):
