@@ -13,6 +13,11 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (every key: rift_megatron/config/schema.py)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.steps=10")
+    parser.add_argument(
+        "--resume", metavar="auto|none|PATH",
+        help="shorthand for checkpoint.resume=...: auto continues from checkpoint.dir's `latest` (at any "
+             "data-parallel size), none starts fresh, PATH loads that checkpoint",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -21,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from rift_megatron.training.loop import Trainer
     from rift_megatron.training.summary import report_run
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg)
     try:
         trainer.run()

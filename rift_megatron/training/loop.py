@@ -39,6 +39,7 @@ from rift_megatron.data.prompts import load_prompts, render_prompt
 from rift_megatron.data.sampler import PromptSampler
 from rift_megatron.models.hf_config import load_hf_config
 from rift_megatron.parallel import destroy_model_parallel, init_distributed, init_model_parallel, is_main_rank
+from rift_megatron.platform.memory import memory_metrics
 from rift_megatron.rollout.batching import Sample, build_train_batch
 from rift_megatron.training.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from rift_megatron.training.metrics import MetricsLogger
@@ -157,7 +158,7 @@ class Trainer:
                 chunk = {key: value[start:start + per_rank] for key, value in batch.items()}
                 started = time.perf_counter()
                 metrics = train_step(self.state, chunk, self.settings, self.cfg.training.micro_batch_size)
-                metrics.update(extra, train_seconds=time.perf_counter() - started)
+                metrics.update(extra, train_seconds=time.perf_counter() - started, **memory_metrics())
                 history.append(metrics)
                 self.logger.log(metrics)
                 extra = {}

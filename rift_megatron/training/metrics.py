@@ -27,6 +27,8 @@ _CONSOLE = (
     ("eval", "eval_accuracy", "{:.3f}"),
     ("final eval", "final_eval_accuracy", "{:.3f}"),
     ("tok/s", "generation_tokens_per_s", "{:.0f}"),
+    ("gpu GiB", "gpu_used_gib", "{:.1f}"),
+    ("rss GiB", "cpu_rss_gib", "{:.2f}"),
 )
 
 

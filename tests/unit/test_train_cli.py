@@ -25,6 +25,7 @@ def _rift_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["algorithm.name=grpo"], "must be one of 'rift', 'rft', 'sft', 'naive'"),
         (["model.hf_dir=/nonexistent/model"], "model.hf_dir '/nonexistent/model' does not exist"),
         (["model.hf_dir=.", "parallel.tensor=2"], "does not divide the world size 1"),
+        (["--resume", "/nonexistent/ckpt"], "checkpoint.resume '/nonexistent/ckpt' does not exist"),
     ],
 )
 def test_config_errors_are_one_line(tmp_path, overrides, expected):
