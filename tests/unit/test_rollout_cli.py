@@ -10,9 +10,8 @@ Tolerance for log-probs: LOGPROB_ATOL = 1e-4 (fp32 engine vs fp32 transformers; 
 <= 3e-6; justification in tests/rollout_fixtures.py). The CLI is run with `--dtype float32`:
 its default `auto` lets vLLM downcast a float32 checkpoint to bfloat16 on CPU (~0.05 off).
 
-test_adjacent_requests_do_not_share_random_streams fails against engine.request_seed as of
-this writing (per-request seeds 1 apart, and vLLM seeds the K children of a request with
-seed + j): it is a bug report in test form, not a flaky test.
+test_adjacent_requests_do_not_share_random_streams guards the hashed request seeds: vLLM seeds
+the K children of a request with seed + j, so per-request seeds 1 apart would share streams.
 """
 
 from __future__ import annotations
