@@ -1,24 +1,29 @@
 """Interrupt-and-resume reproduces the uninterrupted online run (CPU).
 
-Run A trains 4 steps with a checkpoint every 2, in one process; run B is A's checkpoint
-directory rewound to step 2 (its `latest` pointer moved back, the later iteration deleted, a
-half-written checkpoint directory left behind as a crash mid-write would), resumed with
-`checkpoint.resume=auto`. Every logged number that is not a measurement of the machine (wall
-clock, memory) must be identical for steps 3 and 4: model, optimizer (Adam moments and step),
-LR schedule, sampler position, rollout counter and the engine's seed stream all come back.
+Run A trains 4 steps in one process, uninterrupted. Run K is the same run with a checkpoint
+after every step, killed (SIGKILL to its whole process group) while it is writing its step-3
+checkpoint: the staging directory `.iter_0000003.partial` exists, `latest` still names the
+complete step-2 checkpoint. Run B resumes K's directories with `--resume auto` in one process:
+every logged number that is not a measurement of the machine (wall clock, memory) must be
+identical to A's for steps 3 and 4: model, optimizer (Adam moments and step), LR schedule,
+sampler position, rollout counter and the engine's seed stream all come back, and checkpoint
+writes do not perturb training.
 
-Run C resumes the same step-2 checkpoint with `--resume auto` on two processes (data-parallel
-size 2, the distributed optimizer's state resharded from one rank to two, one engine per rank):
-the same samples are drawn (request seeds depend on the global prompt index only) and the
-losses agree with A's to fp32 round-off.
+Run C resumes a copy of K's directories on two processes (data-parallel size 2, the distributed
+optimizer's state resharded from one rank to two, one engine per rank): the same samples are
+drawn (request seeds depend on the global prompt index only) and the losses agree with A's to
+fp32 round-off.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -36,33 +41,45 @@ DP_RTOL = 1e-5
 DP_COMPARED = ("loss", "loss_pos", "loss_neg", "tokens", "grad_norm", "reward_mean", "accuracy", "generation_tokens")
 
 
-def _train(model, prompts, run_dir, checkpoints, nproc: int = 1, resume: str | None = None):
+def _command(model, prompts, run_dir, checkpoints, nproc: int = 1, interval: int = 2,
+             resume: str | None = None) -> list[str]:
     overrides = [
         f"model.hf_dir={model['hf']}", f"model.mcore_ckpt={model['mcore']}",
         "optim.lr=1e-3", "optim.lr_decay_style=cosine", "optim.lr_decay_steps=4",
         "algorithm.reward=exact", "algorithm.reward_workers=1",
         f"data.prompts={prompts}", "data.prompts_per_step=4", "rollout.k=2", "rollout.max_tokens=8",
         "rollout.engine_dtype=float32", "training.steps=4", "training.global_batch_size=8",
-        "training.micro_batch_size=4", f"checkpoint.dir={checkpoints}", "checkpoint.interval=2",
+        "training.micro_batch_size=4", f"checkpoint.dir={checkpoints}", f"checkpoint.interval={interval}",
         "checkpoint.keep_last=5", f"logging.dir={run_dir}", "logging.tensorboard=false",
     ]
     if resume is not None:
         overrides += ["--resume", resume]
     launcher = (["-m", "rift_megatron.cli", "train"] if nproc == 1 else
                 ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "rift_megatron.train"])
-    result = subprocess.run([sys.executable, *launcher, *overrides],
-                            env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    return [sys.executable, *launcher, *overrides]
+
+
+def _train(model, prompts, run_dir, checkpoints, **options) -> list[dict]:
+    result = subprocess.run(_command(model, prompts, run_dir, checkpoints, **options), env=subprocess_env(),
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _rewind_to_step_2(work, name: str) -> None:
-    """A copy of run A's checkpoints and logs as they were when A died writing its step-4 checkpoint."""
-    shutil.copytree(work / "a_ckpt", work / f"{name}_ckpt")
-    shutil.rmtree(work / f"{name}_ckpt" / "iter_0000004")
-    (work / f"{name}_ckpt" / "latest").write_text("iter_0000002\n")
-    (work / f"{name}_ckpt" / ".iter_0000004.partial").mkdir()
-    shutil.copytree(work / "a", work / name)
+def _kill_during_checkpoint_write(model, prompts, run_dir, checkpoints, step: int) -> None:
+    """Start the run with a checkpoint every step; SIGKILL its process group as soon as the
+    staging directory of the step-`step` checkpoint appears."""
+    staging = checkpoints / f".iter_{step:07d}.partial"
+    process = subprocess.Popen(_command(model, prompts, run_dir, checkpoints, interval=1), env=subprocess_env(),
+                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.monotonic() + 900
+    while not staging.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"the run ended before its step-{step} checkpoint:\n{stderr[-4000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +88,21 @@ def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("resume")
     prompts = write_jsonl(work / "prompts.jsonl", arithmetic_prompts(12))
     uninterrupted = _train(model, prompts, work / "a", work / "a_ckpt")
-    _rewind_to_step_2(work, "b")
-    resumed = _train(model, prompts, work / "b", work / "b_ckpt")
-    _rewind_to_step_2(work, "c")
+    _kill_during_checkpoint_write(model, prompts, work / "b", work / "b_ckpt", step=3)
+    killed = {"latest": (work / "b_ckpt" / "latest").read_text().strip(),
+              "entries": sorted(p.name for p in (work / "b_ckpt").iterdir())}
+    shutil.copytree(work / "b_ckpt", work / "c_ckpt")
+    shutil.copytree(work / "b", work / "c")
+    resumed = _train(model, prompts, work / "b", work / "b_ckpt", resume="auto")
     resumed_dp2 = _train(model, prompts, work / "c", work / "c_ckpt", nproc=2, resume="auto")
-    return {"a": uninterrupted, "b": resumed, "c": resumed_dp2, "work": work}
+    return {"a": uninterrupted, "b": resumed, "c": resumed_dp2, "killed": killed, "work": work}
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_current(runs):
+    killed = runs["killed"]
+    assert killed["latest"] == "iter_0000002"
+    assert ".iter_0000003.partial" in killed["entries"] and "iter_0000003" not in killed["entries"], killed
+    assert {"iter_0000001", "iter_0000002"} <= set(killed["entries"])
 
 
 def _by_step(history):
