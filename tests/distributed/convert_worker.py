@@ -31,7 +31,7 @@ from rift_megatron.training.batch import shard_for_data_parallel
 from rift_megatron.training.checkpoint import load_model_checkpoint, save_model_checkpoint
 from rift_megatron.training.setup import OptimConfig, build_model_chunks, setup_training
 from rift_megatron.training.step import train_step
-from rift_megatron.training.synthetic import mixed_reward_batch
+from tests.synthetic_batch import mixed_reward_batch
 from rift_megatron.models.provider import GPTModelProvider
 
 LOGIT_LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))

@@ -25,7 +25,7 @@ from rift_megatron.training.checkpoint import load_model_checkpoint, save_model_
 from rift_megatron.training.setup import OptimConfig, build_model_chunks, setup_training
 from rift_megatron.training.step import train_step
 from rift_megatron.models.provider import GPTModelProvider
-from rift_megatron.training.synthetic import mixed_reward_batch
+from tests.synthetic_batch import mixed_reward_batch
 
 GLOBAL_BATCH = 8
 LR = 1e-3

@@ -1,7 +1,8 @@
 """A tiny model trained on a fixed mixed-reward batch: RIFT learns, naive runs away.
 
 Real Megatron-Core (TP1, single gloo process), real optimizer, 30 Adam steps at lr 1e-3 on the
-synthetic batch with rewards (+1, -0.2, 0, +1, -1, +0.5, -0.2, +1).
+synthetic batch with rewards (+1, -0.2, 0, +1, -1, +0.5, -0.2, +1): the same set-up and step as
+real training, at toy size.
 """
 
 from __future__ import annotations
@@ -14,9 +15,27 @@ import pytest
 import torch
 
 from rift_megatron.loss import LossSettings
-from rift_megatron.training.quickstart import run_synthetic_training
+from rift_megatron.models import parse_hf_config
+from rift_megatron.models.presets import tiny_hf_config
+from rift_megatron.parallel import ParallelLayout, destroy_model_parallel, init_distributed, init_model_parallel
+from rift_megatron.training.setup import OptimConfig, setup_training
+from rift_megatron.training.step import train_step
+from tests.synthetic_batch import mixed_reward_batch
 
 STEPS = 30
+
+
+def run_synthetic_training(steps: int, settings: LossSettings, lr: float = 1e-3) -> list[dict[str, float]]:
+    """Train `steps` optimizer steps (TP1, one process) on one fixed mixed-reward batch."""
+    init_distributed()
+    init_model_parallel(ParallelLayout(), seed=0)
+    try:
+        arch = parse_hf_config(tiny_hf_config(), source="built-in tiny Llama config")
+        state = setup_training(arch, ParallelLayout(), OptimConfig(lr=lr), total_steps=steps)
+        batch = mixed_reward_batch(seed=0, vocab_size=arch.vocab_size)
+        return [train_step(state, batch, settings, micro_batch_size=2) for _ in range(steps)]
+    finally:
+        destroy_model_parallel()
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +75,6 @@ def test_naive_loss_goes_below_zero_without_bound(naive_history, rift_history):
 
 def test_step_without_loss_tokens_is_skipped_and_leaves_weights_alone():
     from megatron.core.utils import unwrap_model
-
-    from rift_megatron.models import parse_hf_config
-    from rift_megatron.models.presets import tiny_hf_config
-    from rift_megatron.parallel import ParallelLayout, destroy_model_parallel, init_distributed, init_model_parallel
-    from rift_megatron.training.setup import OptimConfig, setup_training
-    from rift_megatron.training.step import train_step
-    from rift_megatron.training.synthetic import mixed_reward_batch
 
     init_distributed()
     init_model_parallel(ParallelLayout(), seed=0)

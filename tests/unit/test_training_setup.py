@@ -13,7 +13,7 @@ from rift_megatron.parallel import ParallelLayout, destroy_model_parallel, init_
 from rift_megatron.training.batch import shard_for_data_parallel, split_micro_batches
 from rift_megatron.training.setup import OptimConfig, setup_training
 from rift_megatron.training.step import train_step
-from rift_megatron.training.synthetic import mixed_reward_batch
+from tests.synthetic_batch import mixed_reward_batch
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,6 @@
-"""A fixed, seeded training batch with every sign of reward (for the quick-start run and tests).
+"""A fixed, seeded training batch with every sign of reward, shared by the tests of the step.
 
-It is not a task: tokens are random. It exists so a newcomer can see the RIFT step work on any
-machine in seconds, and so tests of the step have one shared, realistic batch shape (ragged
+It is not a task: tokens are random. It gives the tests one realistic batch shape (ragged
 prompts, right padding, positive / negative / zero rewards).
 """
 
