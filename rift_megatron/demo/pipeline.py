@@ -6,12 +6,13 @@ Steps (every training run is a `rift train` subprocess, the same path a user tak
               train / validation / held-out prompt files (rift_megatron/demo/task.py)
 2. tokenizer  sentencepiece (Llama-2 / Mistral `tokenizer.model` format) trained on the task text
 3. base model random-init tiny `LlamaForCausalLM` (head_dim 32) saved as an HF folder
-4. warm-up    offline SFT on demonstrations (a buffer written with `write_buffer`), a fixed number
-              of steps (chosen once on the validation split, never on held-out); exported with
-              `convert_mcore_to_hf`, converted back with `rift convert hf-to-mcore` (the online
-              runs start from that checkpoint); baseline = `rift eval` (greedy pass@1) on held-out
+4. warm-up    offline SFT on demonstrations (a buffer written with `write_buffer`) until the greedy
+              accuracy on the validation split reaches `warmup_target` (`eval.stop_at_accuracy`);
+              exported with `convert_mcore_to_hf`, converted back with `rift convert hf-to-mcore`
+              (the online runs start from that checkpoint)
 5. online     rft, rift and naive: identical configs except `algorithm.name`, for every seed in
-              `seeds` (same prompts, same sampling seed per seed), held-out eval every few steps
+              `seeds` (same prompts, same sampling seed per seed); held-out greedy eval (the code
+              `rift eval` runs) at step 0 (= the baseline), every few iterations and at the end
 6. report     results.json / results.md / accuracy.png (rift_megatron/demo/report.py), and the
               RIFT run of the first seed exported to `<out>/rift_model`
 
@@ -22,17 +23,17 @@ The measurement (held-out set, seeds, metric) is fixed in `DemoSettings` and is 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rift_megatron.demo import task as demo_task
+from rift_megatron.training.summary import eval_curve
 
 ALGORITHMS = ("rft", "rift", "naive")
 
@@ -55,17 +56,23 @@ class DemoSettings:
     num_kv_heads: int = 2
     intermediate_size: int = 256
     # --- warm-up (SFT) ---
-    # Warm-up length from probes on the validation split (greedy, engine): 400 steps -> 0.09,
-    # 700 -> ~0.1, 1200 -> 0.605. (The held-out numbers of those probes were also printed; they
-    # tracked validation: 0.12, 0.105, 0.59.)
-    sft_steps: int = 1200
+    # SFT until the greedy accuracy on the validation split reaches `warmup_target` (checked every
+    # `sft_eval_interval` steps), at most `sft_max_steps`. A fixed step count is not reproducible:
+    # this model learns the task in a sharp transition (validation 0.1 at step ~700, 0.6-0.9 at
+    # 1200) whose position moved by hundreds of steps between machines / thread counts, so the
+    # same 1200 steps gave a 0.59 baseline on one run and 0.93 on another. The target leaves room
+    # for RL to improve and keeps correct samples uncommon at the start.
+    warmup_target: float = 0.4
+    sft_eval_interval: int = 50
+    sft_max_steps: int = 2000
     sft_batch: int = 64
     sft_lr: float = 2.0e-3
     # --- online RL (identical for every algorithm) ---
-    iterations: int = 20
-    prompts_per_step: int = 64
+    iterations: int = 16
+    prompts_per_step: int = 32
     k: int = 8
     global_batch_size: int = 128
+    epochs_per_rollout: int = 1           # > 1: reuse each rollout batch (the offline multi-epoch regime)
     # lr 1e-3 with `global` made every algorithm fall below the warm-up (one seed: rft 0.06, rift
     # 0.03, naive 0.00 from 0.12); 3e-4 with `per_sign` from a 0.59 warm-up gave rft 0.815, rift
     # 0.795, naive 0.765 (one seed, --quick): a starting point, not a studied setting.
@@ -82,7 +89,7 @@ class DemoSettings:
 
     @property
     def steps_per_iteration(self) -> int:
-        return self.prompts_per_step * self.k // self.global_batch_size
+        return self.prompts_per_step * self.k // self.global_batch_size * self.epochs_per_rollout
 
     @property
     def online_steps(self) -> int:
@@ -95,7 +102,7 @@ def default_settings(quick: bool) -> DemoSettings:
         # Same task, held-out set, warm-up recipe and metric; less online training and ONE seed
         # (the first of the default seeds): 9 runs do not fit CI's 3 minutes on 2 cores, so
         # --quick cannot measure spread; the default run does (3 seeds).
-        settings = replace(settings, iterations=8, prompts_per_step=32, global_batch_size=128, seeds=(0,))
+        settings = replace(settings, iterations=8, seeds=(0,))
     return settings
 
 
@@ -229,30 +236,33 @@ def _common_config(s: DemoSettings, hf_dir: Path, heldout: Path | None) -> dict:
     }
 
 
-def warm_up(out: Path, s: DemoSettings, base: Path, buffer: Path) -> tuple[Path, dict]:
-    """Offline SFT for `sft_steps` (no eval inside the run: in offline mode the trainer does not
-    push weights to its engine, so its periodic eval would measure the initial model); exported
-    to HF. Validation accuracy is measured afterwards on the export, like the baseline."""
+def warm_up(out: Path, s: DemoSettings, base: Path, buffer: Path, validation: Path) -> tuple[Path, dict]:
+    """Offline SFT on the demonstrations until the validation accuracy reaches the target (the
+    trainer's periodic eval pushes the weights to its engine first); exported to HF."""
     from rift_megatron.convert.mcore_to_hf import convert_mcore_to_hf
 
     run = out / "runs" / "sft"
     if run.exists():
         shutil.rmtree(run)
-    config = _common_config(s, base, None)
+    config = _common_config(s, base, validation)
     config["optim"]["lr"] = s.sft_lr
     config["algorithm"]["name"] = "sft"
     config["data"] = {"mode": "offline", "buffer": str(buffer)}
-    config["training"] = {"steps": s.sft_steps, "global_batch_size": s.sft_batch, "micro_batch_size": s.sft_batch,
-                          "seed": s.model_seed}
-    config["eval"] = {"prompts": None, "interval": 0}
+    config["training"] = {"steps": s.sft_max_steps, "global_batch_size": s.sft_batch,
+                          "micro_batch_size": s.sft_batch, "seed": s.model_seed}
+    config["eval"].update({"interval": s.sft_eval_interval, "stop_at_accuracy": s.warmup_target})
     config["rollout"]["sync_check"] = False
     config["checkpoint"].update({"dir": str(run / "checkpoints"), "interval": 0, "keep_last": 1})
-    config["logging"]["dir"] = str(run)
+    config["logging"].update({"dir": str(run), "log_interval": s.sft_eval_interval})
     seconds = _run(_rift("train", "--config", str(_write_yaml(run / "demo.yaml", config))), run / "train.log")
     warmup = out / "models" / "warmup"
     convert_mcore_to_hf(run / "checkpoints", warmup, overwrite=True)
-    losses = [m["loss"] for m in _read_metrics(run) if "loss" in m]
-    return warmup, {"seconds": seconds, "final_loss": losses[-1] if losses else None}
+    metrics = _read_metrics(run)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    curve = eval_curve(metrics)
+    return warmup, {"seconds": seconds, "steps": max(int(m["step"]) for m in metrics),
+                    "final_loss": losses[-1] if losses else None,
+                    "validation_accuracy": curve[-1][1] if curve else None, "validation_curve": curve}
 
 
 def convert_warmup(out: Path, warmup: Path) -> tuple[Path, float]:
@@ -262,54 +272,36 @@ def convert_warmup(out: Path, warmup: Path) -> tuple[Path, float]:
     return target, seconds
 
 
-def rift_eval(out: Path, s: DemoSettings, model: Path, prompts: Path, name: str) -> tuple[dict, float]:
-    """`rift eval` (greedy pass@1) of an HF folder on a prompt file."""
-    result = out / f"{name}.json"
-    seconds = _run(_rift("eval", "--model", str(model), "--prompts", str(prompts), "--max-tokens", str(s.max_tokens),
-                         "--reward", s.reward, "--dtype", "float32", "--out", str(result)),
-                   out / "logs" / f"{name}.log")
-    return json.loads(result.read_text()), seconds
-
-
-def online_run(out: Path, s: DemoSettings, algorithm: str, seed: int, warmup: Path, warmup_mcore: Path,
-               train: Path, heldout: Path, keep_checkpoint: bool) -> dict:
-    run = out / "runs" / f"{algorithm}_seed{seed}"
+def online_run(out: Path, s: DemoSettings, algorithm: str, seed: int, prepared: "Prepared", eval_prompts: Path,
+               keep_checkpoint: bool, name: str | None = None) -> dict:
+    """One online `rift train` run from the warm-up; greedy eval on `eval_prompts` at the start,
+    periodically and at the end."""
+    run = out / "runs" / (name or f"{algorithm}_seed{seed}")
     if run.exists():
         shutil.rmtree(run)
-    config = _common_config(s, warmup, heldout)
-    config["model"]["mcore_ckpt"] = str(warmup_mcore)
+    config = _common_config(s, prepared.warmup, eval_prompts)
+    config["model"]["mcore_ckpt"] = str(prepared.warmup_mcore)
     config["algorithm"]["name"] = algorithm
-    config["data"] = {"mode": "online", "prompts": str(train), "prompts_per_step": s.prompts_per_step}
-    config["training"] = {"steps": s.online_steps, "epochs_per_rollout": 1, "global_batch_size": s.global_batch_size,
+    config["data"] = {"mode": "online", "prompts": str(prepared.train), "prompts_per_step": s.prompts_per_step}
+    config["training"] = {"steps": s.online_steps, "epochs_per_rollout": s.epochs_per_rollout, "global_batch_size": s.global_batch_size,
                           "micro_batch_size": min(64, s.global_batch_size), "seed": seed}
     config["eval"]["interval"] = s.eval_every_iterations * s.steps_per_iteration
     if keep_checkpoint:
         config["checkpoint"].update({"dir": str(run / "checkpoints"), "interval": 0, "keep_last": 1})
     config["logging"]["dir"] = str(run)
     seconds = _run(_rift("train", "--config", str(_write_yaml(run / "demo.yaml", config))), run / "train.log")
-    return summarise_run(run, algorithm, seed, seconds)
+    return summarise_online_run(run, algorithm, seed, seconds)
 
 
-def summarise_run(run: Path, algorithm: str, seed: int, seconds: float) -> dict:
+def summarise_online_run(run: Path, algorithm: str, seed: int, seconds: float) -> dict:
     metrics = _read_metrics(run)
-    curve, initial, final = [], None, None
-    for m in metrics:
-        if "initial_eval_accuracy" in m:
-            initial = m["initial_eval_accuracy"]
-        if "final_eval_accuracy" in m:
-            final = m["final_eval_accuracy"]
-        elif "eval_accuracy" in m:
-            curve.append((int(m["step"]), m["eval_accuracy"]))
-    last_step = max((int(m["step"]) for m in metrics), default=0)
-    if initial is not None:
-        curve.insert(0, (0, initial))
-    if final is not None and (not curve or curve[-1][0] != last_step):
-        curve.append((last_step, final))
+    curve = eval_curve(metrics)
     losses = [m["loss"] for m in metrics if "loss" in m]
     train_acc = [m["accuracy"] for m in metrics if "accuracy" in m]
     return {
         "algorithm": algorithm, "seed": seed, "run_dir": str(run), "seconds": seconds,
-        "initial_accuracy": initial, "final_accuracy": final, "curve": curve,
+        "initial_accuracy": curve[0][1] if curve else None, "final_accuracy": curve[-1][1] if curve else None,
+        "curve": curve,
         "final_loss": losses[-1] if losses else None, "min_loss": min(losses) if losses else None,
         "max_loss": max(losses) if losses else None,
         "rollout_accuracy_first": train_acc[0] if train_acc else None,
@@ -329,57 +321,87 @@ def _parallel(jobs, workers: int) -> list:
 # --------------------------------------------------------------------------------------- main
 
 
-def run_demo(out_dir: Path, quick: bool, settings: DemoSettings | None = None) -> dict:
-    """The whole demo into `out_dir`; returns the results dict (also written as results.json)."""
-    from rift_megatron.demo import report
+@dataclass(frozen=True)
+class Prepared:
+    """Everything the online runs start from (shared by every algorithm, seed and sweep point)."""
 
-    s = settings or default_settings(quick)
-    out = Path(out_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    train: Path
+    validation: Path
+    heldout: Path
+    warmup: Path          # HF export of the SFT warm-up
+    warmup_mcore: Path    # the same, back through `rift convert hf-to-mcore`
+    sft: dict
+    timings: dict
+
+
+def prepare(out: Path, s: DemoSettings) -> Prepared:
+    """Task files, tokenizer, base model, SFT warm-up, and its round trip through the converters."""
     timings: dict[str, float] = {}
-
     _log(f"task: {s.n_train} train / {s.n_validation} validation / {s.n_heldout} held-out problems -> {out / 'data'}")
     data = build_data(out, s)
     t = time.perf_counter()
     base = build_base_model(out, s, data["splits"])
     timings["tokenizer_and_base_model"] = time.perf_counter() - t
     buffer = write_sft_buffer(out, base, data["splits"].train)
-    _log(f"warm-up: {s.sft_steps} SFT steps of {s.sft_batch} demonstrations")
-    warmup, sft = warm_up(out, s, base, buffer)
+    _log(f"warm-up: SFT on {s.n_train} demonstrations (batch {s.sft_batch}) until validation accuracy "
+         f">= {s.warmup_target} (checked every {s.sft_eval_interval} steps, at most {s.sft_max_steps})")
+    warmup, sft = warm_up(out, s, base, buffer, data["validation"])
     timings["warmup_sft"] = sft["seconds"]
-    _log("warm-up done; converting it back (hf-to-mcore) and evaluating it on validation and held-out")
-    (warmup_mcore, timings["hf_to_mcore"]), (validation, timings["validation_eval"]), \
-        (baseline, timings["baseline_eval"]) = _parallel(
-            [lambda: convert_warmup(out, warmup),
-             lambda: rift_eval(out, s, warmup, data["validation"], "warmup_validation_eval"),
-             lambda: rift_eval(out, s, warmup, data["heldout"], "baseline_eval")], s.parallel_jobs)
-    sft["validation_accuracy"] = validation["pass@1_greedy"]
-    _log(f"warm-up validation accuracy {validation['pass@1_greedy']:.3f}")
-    _log(f"baseline held-out accuracy {baseline['pass@1_greedy']:.3f}")
+    _log(f"warm-up: {sft['steps']} steps, validation accuracy {sft['validation_accuracy']:.3f}; "
+         "converting it back with hf-to-mcore")
+    warmup_mcore, timings["hf_to_mcore"] = convert_warmup(out, warmup)
+    return Prepared(data["train"], data["validation"], data["heldout"], warmup, warmup_mcore, sft, timings)
 
+
+def run_online(out: Path, s: DemoSettings, prepared: Prepared, algorithms=ALGORITHMS, tag: str = "",
+               keep_rift_checkpoint: bool = False, eval_prompts: Path | None = None) -> list[dict]:
+    """Every algorithm x seed of `s`, `s.parallel_jobs` at a time, evaluated on `eval_prompts`
+    (default: the held-out split; the sweep passes the validation split)."""
+    eval_prompts = eval_prompts or prepared.heldout
     jobs, names = [], []
     for seed in s.seeds:
-        for algorithm in ALGORITHMS:
-            keep = algorithm == "rift" and seed == s.seeds[0]
-            jobs.append(lambda a=algorithm, sd=seed, kp=keep: online_run(
-                out, s, a, sd, warmup, warmup_mcore, data["train"], data["heldout"], kp))
-            names.append(f"{algorithm}_seed{seed}")
+        for algorithm in algorithms:
+            name = f"{tag}{algorithm}_seed{seed}"
+            keep = keep_rift_checkpoint and algorithm == "rift" and seed == s.seeds[0]
+            jobs.append(lambda a=algorithm, sd=seed, kp=keep, n=name: online_run(out, s, a, sd, prepared, eval_prompts, kp, n))
+            names.append(name)
     _log(f"online: {len(jobs)} runs ({', '.join(names)}), {s.online_steps} steps each "
          f"({s.iterations} iterations x {s.prompts_per_step} prompts x {s.k} samples), {s.parallel_jobs} at a time")
-    t = time.perf_counter()
     runs = _parallel(jobs, s.parallel_jobs)
-    timings["online_runs"] = time.perf_counter() - t
     for r in runs:
-        _log(f"  {r['algorithm']:>5} seed {r['seed']}: held-out {r['initial_accuracy']} -> {r['final_accuracy']}, "
+        _log(f"  {r['algorithm']:>5} seed {r['seed']}: {eval_prompts.stem} accuracy {r['initial_accuracy']:.3f} -> {r['final_accuracy']:.3f}, "
              f"final loss {r['final_loss']:.4f}, min loss {r['min_loss']:.4f} ({r['seconds']:.0f}s)")
+    return runs
 
+
+def baseline_accuracy(runs: list[dict]) -> float:
+    """The warm-up model's held-out accuracy: every online run measures it at step 0 with the same
+    greedy eval, on the same weights, so all must agree; a disagreement is a bug, not noise."""
+    initial = {r["initial_accuracy"] for r in runs}
+    if len(initial) != 1:
+        raise DemoError(f"the online runs measured different step-0 held-out accuracies {sorted(initial)}: "
+                        "greedy evaluation of the same weights must be deterministic")
+    return initial.pop()
+
+
+def run_demo(out_dir: Path, quick: bool, settings: DemoSettings | None = None) -> dict:
+    """The whole demo into `out_dir`; returns the results dict (also written as results.json)."""
     from rift_megatron.convert.mcore_to_hf import convert_mcore_to_hf
+    from rift_megatron.demo import report
 
-    rift_run = out / "runs" / f"rift_seed{s.seeds[0]}"
-    convert_mcore_to_hf(rift_run / "checkpoints", out / "rift_model", overwrite=True)
+    s = settings or default_settings(quick)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    prepared = prepare(out, s)
+    t = time.perf_counter()
+    runs = run_online(out, s, prepared, keep_rift_checkpoint=True)
+    timings = {**prepared.timings, "online_runs": time.perf_counter() - t}
+    baseline = baseline_accuracy(runs)
+    _log(f"baseline (warm-up) held-out accuracy {baseline:.3f}")
+    convert_mcore_to_hf(out / "runs" / f"rift_seed{s.seeds[0]}" / "checkpoints", out / "rift_model", overwrite=True)
     timings["total"] = time.perf_counter() - started
-    results = report.build_results(s, quick, baseline, sft, runs, timings, out)
+    results = report.build_results(s, quick, baseline, prepared.sft, runs, timings, out)
     report.write_all(out, results)
     _log(f"done in {timings['total']:.0f}s: {out / 'results.md'}")
     print((out / "results.md").read_text())
@@ -387,7 +409,16 @@ def run_demo(out_dir: Path, quick: bool, settings: DemoSettings | None = None) -
 
 
 def _handler(args: argparse.Namespace) -> int:
-    run_demo(Path(args.out), args.quick)
+    import warnings
+
+    # Megatron-Core's "Apex / Transformer Engine not installed" warnings are expected on the CPU
+    # path (the exports run in this process); they would bury the demo's own progress lines.
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        run_demo(Path(args.out), args.quick)
+    except DemoError as error:  # a step failed: its command and log tail, not a traceback
+        print(f"rift demo: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
