@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 ALGORITHMS = ("rft", "rift", "naive")
+_OPERATIONS = {"+": "addition", "-": "subtraction", "+-": "addition and subtraction"}
 
 
 def _mean(values):
@@ -105,28 +106,30 @@ def claims(baseline: float, algorithms: dict) -> dict:
                       "(RIFT.md's toy runs saw naive collapse mainly with r_neg = -1 or larger learning rates).")
     else:
         stability += "Claim (1) NOT shown here: rift itself ended below the baseline in some run."
-    diff = None if rift["heldout_accuracy"] is None or rft["heldout_accuracy"] is None else (
-        rift["heldout_accuracy"] - rft["heldout_accuracy"])
-    spread = max(rift["heldout_accuracy_std"] or 0.0, rft["heldout_accuracy_std"] or 0.0)
-    per_seed = [None if a is None or b is None else a - b
-                for a, b in zip(rift["heldout_accuracy_per_seed"], rft["heldout_accuracy_per_seed"])]
-    wins = sum(d is not None and d > 0 for d in per_seed)
+    # Seeds are paired: the same seed gives every algorithm the same prompts and sampling seeds, so
+    # the per-seed differences carry the comparison. A difference counts as shown when their mean
+    # is more than two standard errors from 0 (and more than the ~0.03 noise of 200 problems).
+    per_seed = [a - b for a, b in zip(rift["heldout_accuracy_per_seed"], rft["heldout_accuracy_per_seed"])
+                if a is not None and b is not None]
+    mean_diff = _mean(per_seed)
+    std_err = _std(per_seed) / len(per_seed) ** 0.5 if len(per_seed) > 1 else None
+    wins = sum(d > 0 for d in per_seed)
     versus = (
         f"rift {_fmt(rift['heldout_accuracy'])} +- {_fmt(rift['heldout_accuracy_std'])} vs rft "
         f"{_fmt(rft['heldout_accuracy'])} +- {_fmt(rft['heldout_accuracy_std'])} held-out (mean +- std over {n} "
-        f"seeds); difference {_fmt(diff)}; rift higher in {wins}/{n} seeds (per-seed differences "
-        f"{[_fmt(d) for d in per_seed]}). "
+        f"seeds); paired difference {_fmt(mean_diff)} (standard error {_fmt(std_err)}); rift higher in "
+        f"{wins}/{len(per_seed)} seeds (per-seed differences {[_fmt(d) for d in per_seed]}). "
     )
-    if diff is None:
+    if mean_diff is None:
         versus += "Not measured."
-    elif n < 2:
+    elif std_err is None:
         versus += "One seed only: no spread measured, so no conclusion (run without --quick for 3 seeds)."
-    elif abs(diff) <= max(spread, 0.02):
-        versus += "Within the seed spread / evaluation noise (200 held-out problems: about +-0.03): no difference shown."
-    elif diff > 0:
-        versus += "rift above rft by more than the seed spread."
+    elif abs(mean_diff) <= max(2 * std_err, 0.03):
+        versus += "Within two standard errors (or the +-0.03 evaluation noise): no difference shown."
+    elif mean_diff > 0:
+        versus += "rift above rft by more than two standard errors."
     else:
-        versus += "rift below rft by more than the seed spread."
+        versus += "rift below rft by more than two standard errors."
     return {"1_stability": stability, "2_rift_vs_rft": versus}
 
 
@@ -135,7 +138,7 @@ def markdown(results: dict) -> str:
     lines = [
         "# rift demo results" + (" (--quick)" if results["quick"] else ""),
         "",
-        f"Task: 2-digit addition / subtraction, answer in `\\boxed{{}}`; {s['n_heldout']} held-out problems, "
+        f"Task: 2-digit {_OPERATIONS[s['ops']]}, answer in `\\boxed{{}}`; {s['n_heldout']} held-out problems, "
         f"greedy pass@1 (`rift eval`'s code). Warm-up (SFT, {results['warmup']['steps']} steps, "
         f"validation {_fmt(results['warmup']['validation_accuracy'])}) baseline: "
         f"**{results['baseline_accuracy']:.3f}**.",

@@ -4,7 +4,8 @@ Runs the real pipeline in a subprocess (sentencepiece tokenizer, SFT warm-up, co
 ways, vLLM rollouts, rft / rift / naive online runs, held-out eval) and checks its outputs, and
 that RIFT's held-out accuracy ends above the warm-up model's; then `rift eval` on the exported
 RIFT model, checked prompt by prompt against an independent scorer (`transformers` greedy decoding
-and a regular expression on the `\\boxed{}` answer). Takes about 3-4 minutes.
+and a regular expression on the `\\boxed{}` answer); then examples/tiny_cpu/config.yaml, whose
+paths name the demo's outputs, trains from them. Takes about 3-4 minutes.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "out"
+    out = tmp_path_factory.mktemp("demo") / "demo_out"  # the directory name the example config expects
     _rift("demo", "--quick", "--out", str(out))
     return out
 
 
-def _rift(*args: str) -> subprocess.CompletedProcess:
+def _rift(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-m", "rift_megatron.cli", *args], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "rift_megatron.cli", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, f"rift {args[0]} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
@@ -114,3 +115,14 @@ def test_rift_eval_scores_the_exported_model_like_an_independent_scorer(demo_out
     assert 0 < sum(reference) < len(records), "the reference must see both right and wrong answers"
     assert 0.0 <= result["majority@4"] <= 1.0 and result["pass@4"] >= result["sample_accuracy"]
     assert result["k"] == 4 and result["prompts"] == len(records)
+
+
+def test_the_tiny_cpu_example_trains_from_the_demo_outputs(demo_out: Path) -> None:
+    """`rift train --config examples/tiny_cpu/config.yaml` launched next to demo_out/ (two steps)."""
+    config = ROOT / "examples" / "tiny_cpu" / "config.yaml"
+    _rift("train", "--config", str(config), "training.steps=2", "eval.interval=0", cwd=demo_out.parent)
+    run = demo_out.parent / "runs" / "tiny_cpu"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trained = [m for m in steps if "loss" in m]
+    assert [m["step"] for m in trained] == [1, 2] and all(m["tokens"] > 0 for m in trained)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000002"

@@ -442,7 +442,7 @@ def test_commented_dump_documents_every_key():
 
 def test_tiny_cpu_example_loads_and_fits_1_2_and_4_processes(tmp_path, monkeypatch):
     cfg = load_config(EXAMPLE)
-    assert cfg.model.hf_dir == "runs/demo/sft_model" and cfg.data.mode == "online"
+    assert cfg.model.hf_dir == "demo_out/models/warmup" and cfg.data.mode == "online"
     monkeypatch.chdir(tmp_path)  # the example's relative paths, created here
     Path(cfg.model.hf_dir).mkdir(parents=True)
     (Path(cfg.model.hf_dir) / "config.json").write_text("{}")
