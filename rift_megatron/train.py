@@ -7,6 +7,7 @@ types or values are reported as one line each before any work starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -21,13 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rift_megatron.config import load_config
+    from rift_megatron.config import load_config, validate_for_world
+
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    # Checked against torchrun's WORLD_SIZE before torch.distributed, Megatron or vLLM are imported,
+    # so a bad config costs a second and prints only its own lines.
+    validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+
     from rift_megatron.parallel import is_main_rank
     from rift_megatron.training.loop import Trainer
     from rift_megatron.training.summary import report_run
 
-    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-    cfg = load_config(args.config, overrides)
     trainer = Trainer(cfg)
     try:
         trainer.run()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,6 +58,10 @@ def current_platform() -> Platform:
     platform = detect_platform()
     if not platform.is_cuda:
         from rift_megatron.platform.cpu_compat import apply_cpu_compat
+
+        # Megatron-Core warns at import that it falls back to its local kernels without TE / apex:
+        # on the CPU that fallback is the design, so the warning would only bury real messages.
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
 
         apply_cpu_compat()
     return platform
