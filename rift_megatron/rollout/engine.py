@@ -234,6 +234,8 @@ class RolloutEngine:
         if not (self.platform.is_cuda and self.config.enable_sleep_mode):
             logger.debug("rollout engine sleep: no-op (sleep mode is GPU-only)")
             return
+        if self._asleep:
+            return
         self._llm.sleep(level=1)
         self._asleep = True
 

@@ -159,8 +159,8 @@ def push_weights(
         total_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         tensors += len(bucket)
         count += 1
-    engine.reset_prefix_cache()
     engine.wake_up(["kv_cache"])
+    engine.reset_prefix_cache()
     return SyncStats(seconds=time.perf_counter() - start, bytes=total_bytes, tensors=tensors, buckets=count)
 
 

@@ -148,7 +148,12 @@ class Trainer:
     # ---- pieces of an iteration -------------------------------------------------------------
 
     def _train_on(self, batch: dict, extra: dict, history: list) -> None:
-        """Optimizer steps over this rank's share `batch` in global batches; log each."""
+        """Optimizer steps over this rank's share `batch` in global batches; log each.
+
+        The co-located engine sleeps meanwhile (GPU: its weights are offloaded and its KV cache
+        freed, so the trainer gets the memory back; CPU: a no-op); the next push wakes it."""
+        if self.engine is not None:
+            self.engine.sleep()
         per_rank = self.cfg.training.global_batch_size // self.dp_size
         samples = batch["tokens"].shape[0]
         for _ in range(self.cfg.training.epochs_per_rollout):
