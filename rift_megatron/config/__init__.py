@@ -14,6 +14,7 @@ Importing this package never imports torch or megatron.
 from .checks import check_config, validate_for_world
 from .loading import config_from_dict, config_to_dict, dump_yaml, load_config, save_config
 from .runtime import (
+    model_folder,
     sync_check_tolerance,
     to_engine_config,
     to_eval_sampling_config,
@@ -58,6 +59,7 @@ __all__ = [
     "dump_yaml",
     "load_config",
     "save_config",
+    "model_folder",
     "sync_check_tolerance",
     "to_engine_config",
     "to_eval_sampling_config",

@@ -119,16 +119,34 @@ def check_config(cfg: RiftConfig, sources: Mapping[str, str] | None = None) -> N
         raise ConfigError(f"config key {path!r}{where(path, sources)} {problem}")
 
 
+def _checkpoint_problems(mcore: str, needs_hf_assets: bool) -> Iterator[str]:
+    """`model.mcore_ckpt` must name a checkpoint (or a run directory whose `latest` does); without
+    `model.hf_dir` it must also carry hf_assets/ (config + tokenizer)."""
+    if not Path(mcore).exists():
+        yield f"model.mcore_ckpt {mcore!r} does not exist"
+        return
+    from rift_megatron.convert.checkpoint_files import find_hf_assets, resolve_checkpoint
+    from rift_megatron.convert.errors import ConversionError
+
+    try:
+        checkpoint = resolve_checkpoint(mcore)
+        if needs_hf_assets:
+            find_hf_assets(checkpoint)
+    except ConversionError as error:
+        yield f"model.mcore_ckpt: {error}" + (" (or set model.hf_dir)" if needs_hf_assets else "")
+
+
 def _path_problems(cfg: RiftConfig) -> Iterator[str]:
-    hf = cfg.model.hf_dir
-    if hf is None:
-        yield "model.hf_dir is not set (the Hugging Face model folder: config.json, tokenizer, weights)"
-    elif not Path(hf).is_dir():
+    hf, mcore = cfg.model.hf_dir, cfg.model.mcore_ckpt
+    if hf is None and mcore is None:
+        yield ("model.hf_dir and model.mcore_ckpt are both null: set model.hf_dir (a Hugging Face model folder) "
+               "or model.mcore_ckpt (a Megatron checkpoint with hf_assets/)")
+    elif hf is not None and not Path(hf).is_dir():
         yield f"model.hf_dir {hf!r} does not exist" if not Path(hf).exists() else f"model.hf_dir {hf!r} is not a directory"
-    elif not (Path(hf) / "config.json").is_file():
+    elif hf is not None and not (Path(hf) / "config.json").is_file():
         yield f"model.hf_dir {hf!r} has no config.json"
-    if cfg.model.mcore_ckpt is not None and not Path(cfg.model.mcore_ckpt).exists():
-        yield f"model.mcore_ckpt {cfg.model.mcore_ckpt!r} does not exist"
+    if mcore is not None:
+        yield from _checkpoint_problems(mcore, needs_hf_assets=hf is None)
     data = cfg.data
     if data.mode == "online":
         if data.prompts is None:

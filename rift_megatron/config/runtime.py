@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from rift_megatron.training.setup import OptimConfig
 
 __all__ = [
+    "model_folder",
     "sync_check_tolerance",
     "to_engine_config",
     "to_eval_sampling_config",
@@ -115,19 +116,32 @@ def to_eval_sampling_config(cfg: RiftConfig) -> SamplingConfig:
     )
 
 
+def model_folder(cfg: RiftConfig) -> str:
+    """The Hugging Face folder the trainer reads the architecture and tokenizer from and the engine
+    starts from: ``model.hf_dir``, or, without it, the ``hf_assets/`` of ``model.mcore_ckpt``."""
+    if cfg.model.hf_dir is not None:
+        return cfg.model.hf_dir
+    if cfg.model.mcore_ckpt is None:
+        raise ConfigError("model.hf_dir and model.mcore_ckpt are both null: the model has no source")
+    from rift_megatron.convert.checkpoint_files import checkpoint_hf_assets
+
+    return str(checkpoint_hf_assets(cfg.model.mcore_ckpt))
+
+
 def to_engine_config(cfg: RiftConfig, max_model_len: int | None = None) -> EngineConfig:
-    """The vLLM engine for ``model.hf_dir``. Context length: ``rollout.max_model_len`` if set, else
-    ``max_model_len`` (the trainer passes longest prompt + max_tokens)."""
+    """The vLLM engine for :func:`model_folder`. Context length: ``rollout.max_model_len`` if set,
+    else ``max_model_len`` (the trainer passes longest prompt + max_tokens). Started from a
+    checkpoint's hf_assets (no weights there), the engine is built with dummy weights: the trainer
+    pushes its own before the first rollout, and checks them."""
     from rift_megatron.rollout.engine import EngineConfig
 
     r = cfg.rollout
     length = r.max_model_len or max_model_len
-    if cfg.model.hf_dir is None:
-        raise ConfigError("model.hf_dir is not set (the rollout engine loads the model from it)")
     if length is None:
         raise ConfigError("rollout.max_model_len is null and no context length was given to to_engine_config")
     return EngineConfig(
-        model=cfg.model.hf_dir,
+        model=model_folder(cfg),
+        load_format="auto" if cfg.model.hf_dir is not None else "dummy",
         dtype=r.engine_dtype,
         max_model_len=length,
         tensor_parallel_size=r.engine_tensor_parallel,

@@ -48,13 +48,16 @@ class ModelConfig:
 
     hf_dir: str | None = _f(
         None,
-        "Hugging Face model folder (config.json, tokenizer files, safetensors weights). Required: the "
-        "trainer reads the architecture and tokenizer here and the rollout engine starts from it.",
+        "Hugging Face model folder (config.json, tokenizer files, safetensors weights): the trainer reads "
+        "the architecture and tokenizer here and the rollout engine starts from it. May be null when "
+        "mcore_ckpt is set: then the checkpoint's hf_assets/ folder supplies config and tokenizer, and "
+        "the engine starts without weights and receives the trainer's before its first rollout.",
     )
     mcore_ckpt: str | None = _f(
         None,
-        "Megatron checkpoint with the initial weights (from `rift convert hf-to-mcore`); null: the "
-        "trainer converts hf_dir's weights on the fly. Any TP/PP layout loads.",
+        "Megatron checkpoint with the initial weights (from `rift convert hf-to-mcore`, or a training "
+        "checkpoint / run directory of an earlier run); null: the trainer converts hf_dir's weights on "
+        "the fly. Any TP/PP layout loads.",
     )
     dtype: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32", "Trainer parameter / compute dtype: fp32 (the CPU default), bf16 (GPU), fp16."

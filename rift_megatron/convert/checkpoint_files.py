@@ -67,6 +67,11 @@ def find_hf_assets(checkpoint: Path) -> Path:
     )
 
 
+def checkpoint_hf_assets(path: str | Path) -> Path:
+    """The hf_assets folder of the checkpoint `path` names (itself, or its run's `latest`)."""
+    return find_hf_assets(resolve_checkpoint(path))
+
+
 def load_architecture(model_dir: Path) -> ModelArchitecture:
     """config.json -> architecture, with config problems reported as conversion errors."""
     try:

@@ -46,6 +46,9 @@ class EngineConfig:
     """How the vLLM engine is built."""
 
     model: str
+    # "dummy": build the engine without reading weights (a folder holding only config + tokenizer);
+    # its weights must then be pushed before it generates.
+    load_format: str = "auto"
     dtype: str = "auto"
     max_model_len: int = 1024
     tensor_parallel_size: int = 1
@@ -145,6 +148,7 @@ class RolloutEngine:
 
         kwargs = dict(
             model=self.config.model,
+            load_format=self.config.load_format,
             dtype=self.config.dtype,
             max_model_len=self.config.max_model_len,
             tensor_parallel_size=self.config.tensor_parallel_size,

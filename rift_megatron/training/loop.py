@@ -24,6 +24,7 @@ import torch.distributed as dist
 from rift_megatron.config import (
     RiftConfig,
     dump_yaml,
+    model_folder,
     sync_check_tolerance,
     to_engine_config,
     to_loss_settings,
@@ -34,7 +35,7 @@ from rift_megatron.config import (
     to_sampling_config,
     validate_for_world,
 )
-from rift_megatron.convert.checkpoint_files import HF_ASSETS
+from rift_megatron.convert.checkpoint_files import resolve_checkpoint
 from rift_megatron.data.prompts import load_prompts, render_prompt
 from rift_megatron.data.sampler import PromptSampler
 from rift_megatron.models.hf_config import load_hf_config
@@ -53,10 +54,11 @@ def _barrier() -> None:
 
 
 def initial_checkpoint(cfg: RiftConfig) -> Path:
-    """`model.mcore_ckpt`, or `hf_dir` converted once into the run directory (rank 0, in a
-    subprocess so the conversion's TP1 Megatron world does not touch the trainer's)."""
+    """`model.mcore_ckpt` (a checkpoint, or a run directory: its `latest`), or `hf_dir` converted
+    once into the run directory (rank 0, in a subprocess so the conversion's TP1 Megatron world
+    does not touch the trainer's)."""
     if cfg.model.mcore_ckpt:
-        return Path(cfg.model.mcore_ckpt)
+        return resolve_checkpoint(cfg.model.mcore_ckpt)
     target = Path(cfg.logging.dir) / "initial_mcore"
     if is_main_rank() and not (target / "metadata.json").is_file():
         command = [sys.executable, "-m", "rift_megatron.cli", "convert", "hf-to-mcore",
@@ -75,7 +77,8 @@ class Trainer:
         self.cfg = cfg
         init_distributed()
         self.dp_size = validate_for_world(cfg, dist.get_world_size())
-        self.arch = load_hf_config(cfg.model.hf_dir)
+        self.model_folder = model_folder(cfg)
+        self.arch = load_hf_config(self.model_folder)
         initial = initial_checkpoint(cfg)
         layout = to_parallel_layout(cfg)
         init_model_parallel(layout, seed=cfg.training.seed)
@@ -85,7 +88,7 @@ class Trainer:
         self.state = setup_training(self.arch, layout, to_optim_config(cfg), to_precision_config(cfg),
                                     total_steps=cfg.training.steps, initial_weights=initial)
         self.settings = to_loss_settings(cfg)
-        self.hf_assets = Path(initial) / HF_ASSETS
+        self.hf_assets = Path(self.model_folder)  # config + tokenizer files, copied into every checkpoint
         self.rollout_step = 0
         self._sampler_state = None
         resume_from = self._resume_checkpoint()
@@ -117,7 +120,7 @@ class Trainer:
         cfg = self.cfg
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_folder)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if cfg.data.mode == "online":
             self.records = load_prompts(cfg.data.prompts, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
@@ -211,7 +214,8 @@ class Trainer:
         cfg, history = self.cfg, []
         pending: dict = {}
         if self.engine is not None:
-            pending.update(self._sync())  # the engine starts from hf_dir; a resumed trainer differs
+            # the engine starts from hf_dir's weights (or none at all); a resumed trainer differs
+            pending.update(self._sync())
             if cfg.eval.prompts and self.state.step == 0:
                 pending.update({f"initial_{k}": v for k, v in self._evaluate().items()})
         last_checkpoint, last_evaluation = self.state.step, None

@@ -93,10 +93,11 @@ def _buffer_rows(hf_dir, records):
     return rows
 
 
-def _train(work, layout: str, settings: dict) -> dict:
+def _train(work, layout: str, settings: dict, name: str | None = None) -> dict:
     """`torchrun --nproc-per-node=TxP -m rift_megatron.train` with `settings`; its metrics and dirs."""
     tensor, pipeline = LAYOUTS[layout]
-    run_dir, checkpoints = work / layout, work / f"{layout}_checkpoints"
+    name = name or layout
+    run_dir, checkpoints = work / name, work / f"{name}_checkpoints"
     settings = {**settings, **BATCH, "parallel.tensor": tensor, "parallel.pipeline": pipeline,
                 "checkpoint.dir": checkpoints, "logging.dir": run_dir, "logging.tensorboard": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tensor * pipeline}",
@@ -106,6 +107,13 @@ def _train(work, layout: str, settings: dict) -> dict:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {"metrics": [json.loads(line) for line in lines], "checkpoints": checkpoints,
             "world_size": tensor * pipeline}
+
+
+def _online_settings(model, prompts) -> dict:
+    return {**_common(model), "algorithm.reward": "tests.rollout_fixtures:parity_reward",
+            "algorithm.reward_workers": 1,
+            "data.prompts": prompts, "data.prompts_per_step": ONLINE_PROMPTS, "rollout.k": 2,
+            "rollout.max_tokens": 8, "rollout.engine_dtype": "float32", "training.steps": ONLINE_STEPS}
 
 
 def _common(model) -> dict:
@@ -131,12 +139,12 @@ def offline(tmp_path_factory):
 def online(tmp_path_factory):
     model = shared_tiny_model(tmp_path_factory)
     work = tmp_path_factory.mktemp("layouts_online")
-    prompts = write_jsonl(work / "prompts.jsonl", arithmetic_prompts(8))
-    settings = {**_common(model), "algorithm.reward": "tests.rollout_fixtures:parity_reward",
-                "algorithm.reward_workers": 1,
-                "data.prompts": prompts, "data.prompts_per_step": ONLINE_PROMPTS, "rollout.k": 2,
-                "rollout.max_tokens": 8, "rollout.engine_dtype": "float32", "training.steps": ONLINE_STEPS}
-    return {layout: _train(work, layout, settings) for layout in LAYOUTS}
+    settings = _online_settings(model, write_jsonl(work / "prompts.jsonl", arithmetic_prompts(8)))
+    runs = {layout: _train(work, layout, settings) for layout in LAYOUTS}
+    # The model given by its Megatron checkpoint alone: config and tokenizer from its hf_assets/,
+    # an engine built without weights that receives the trainer's before the first rollout.
+    runs["tp1_from_mcore"] = _train(work, "tp1", {**settings, "model.hf_dir": "null"}, name="tp1_from_mcore")
+    return runs
 
 
 def _steps(run) -> list[dict]:
@@ -214,3 +222,13 @@ def test_online_samples_and_losses_match_between_tp1_and_tp2pp2(online):
     for key in ("generation_tokens", "reward_mean", "accuracy"):
         assert [m[key] for m in tp1] == [m[key] for m in tp2pp2], key
     _assert_same_training(tp1, tp2pp2)
+
+
+def test_online_run_from_a_megatron_checkpoint_alone_trains_exactly_like_from_the_hf_folder(online):
+    """model.hf_dir null, model.mcore_ckpt set: the engine (dummy weights until the first push)
+    samples exactly what the engine loaded from the HF folder sampled, so every logged step matches."""
+    from_hf, from_mcore = _steps(online["tp1"]), _steps(online["tp1_from_mcore"])
+    keys = (*LOSS_KEYS, "generation_tokens", "reward_mean", "accuracy", "logprob_diff_max")
+    assert [{k: m[k] for k in keys} for m in from_mcore] == [{k: m[k] for k in keys} for m in from_hf]
+    synced = [m for m in online["tp1_from_mcore"]["metrics"] if "sync_probe_max_abs_diff" in m]
+    assert synced and all(m["sync_probe_max_abs_diff"] < LOGPROB_ATOL for m in synced)

@@ -358,9 +358,29 @@ def test_model_dir_must_exist_and_hold_config_json(ready, tmp_path):
     cfg = dataclasses.replace(ready, model=dataclasses.replace(ready.model, hf_dir=str(empty)))
     assert world_error(cfg, 1) == [f"model.hf_dir '{empty}' has no config.json"]
     cfg = dataclasses.replace(ready, model=dataclasses.replace(ready.model, hf_dir=None))
-    assert world_error(cfg, 1)[0].startswith("model.hf_dir is not set")
+    assert world_error(cfg, 1)[0].startswith("model.hf_dir and model.mcore_ckpt are both null")
     cfg = dataclasses.replace(ready, model=dataclasses.replace(ready.model, mcore_ckpt=str(missing)))
     assert world_error(cfg, 1) == [f"model.mcore_ckpt '{missing}' does not exist"]
+
+
+def test_a_megatron_checkpoint_with_hf_assets_can_be_the_only_model_source(ready, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    not_a_checkpoint = dataclasses.replace(ready, model=dataclasses.replace(ready.model, mcore_ckpt=str(checkpoint)))
+    [problem] = world_error(not_a_checkpoint, 1)
+    assert problem.startswith("model.mcore_ckpt: ") and "not a Megatron checkpoint" in problem
+    (checkpoint / "metadata.json").write_text("{}")
+    mcore_only = dataclasses.replace(ready, model=dataclasses.replace(ready.model, hf_dir=None,
+                                                                      mcore_ckpt=str(checkpoint)))
+    [problem] = world_error(mcore_only, 1)
+    assert problem.startswith("model.mcore_ckpt: ") and "hf_assets" in problem and problem.endswith("(or set model.hf_dir)")
+    (checkpoint / "hf_assets").mkdir()
+    (checkpoint / "hf_assets" / "config.json").write_text("{}")
+    assert validate_for_world(mcore_only, 1) == 1
+    # a run directory whose `latest` names the checkpoint works too
+    (tmp_path / "latest").write_text("ckpt\n")
+    run_dir = dataclasses.replace(mcore_only, model=dataclasses.replace(mcore_only.model, mcore_ckpt=str(tmp_path)))
+    assert validate_for_world(run_dir, 1) == 1
 
 
 def test_data_paths_must_exist_for_the_chosen_mode(ready, tmp_path):
@@ -396,7 +416,7 @@ def test_eval_and_resume_paths_must_exist(ready, tmp_path):
 def test_every_problem_is_reported_on_its_own_line():
     lines = world_error(load_config(None, ["parallel.tensor=4"]), 6)
     assert lines[0] == "parallel.tensor (4) x parallel.pipeline (1) = 4 does not divide the world size 6"
-    assert "model.hf_dir is not set" in lines[-2] and "data.prompts is not set" in lines[-1]
+    assert "model.hf_dir and model.mcore_ckpt are both null" in lines[-2] and "data.prompts is not set" in lines[-1]
 
 
 @pytest.mark.parametrize("world_size", [0, -1, True, 2.0])
