@@ -44,7 +44,7 @@ class DemoSettings:
     data_seed: int = 0                    # problem splits
     ops: str = "+"                        # "+" and/or "-" (2-digit operands)
     n_train: int = 4000
-    n_validation: int = 200               # used only to pick the warm-up length (once, offline)
+    n_validation: int = 200               # warm-up stopping rule and the knob sweep; never the report
     n_heldout: int = 200
     seeds: tuple[int, ...] = (0, 1, 2)    # training.seed of the online runs
     # --- model / tokenizer ---
