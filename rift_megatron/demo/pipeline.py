@@ -33,9 +33,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rift_megatron.demo import task as demo_task
+from rift_megatron.demo.report import ALGORITHMS
 from rift_megatron.training.summary import eval_curve
-
-ALGORITHMS = ("rft", "rift", "naive")
 
 
 @dataclass(frozen=True)

@@ -48,8 +48,6 @@ def _build_constant_answer_model(source, target) -> None:
 
 @pytest.fixture(scope="module")
 def known(tmp_path_factory):
-    from rift_megatron.convert.hf_to_mcore import convert_hf_to_mcore  # noqa: F401 (fail early if missing)
-
     work = tmp_path_factory.mktemp("eval-cli")
     hf = work / "hf"
     _build_constant_answer_model(shared_tiny_model(tmp_path_factory)["hf"], hf)
