@@ -65,17 +65,23 @@ def _free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(timeout: timedelta = timedelta(minutes=30)) -> Platform:
-    """Create the default process group (idempotent) with the platform's backend."""
+def init_distributed(timeout: timedelta = timedelta(minutes=30), cpu_only: bool = False) -> Platform:
+    """Create the default process group (idempotent) with the platform's backend.
+
+    `cpu_only`: a gloo group and no GPU bound, whatever the machine: for CPU work such as checkpoint
+    conversion, which must not create a CUDA context (or take any GPU memory) on a GPU node.
+    """
     platform = current_platform()
     if dist.is_initialized():
         return platform
-    platform.bind_local_device()
+    backend = "gloo" if cpu_only else platform.backend
+    if not cpu_only:
+        platform.bind_local_device()
     if "WORLD_SIZE" in os.environ:  # torchrun / Slurm with the env:// variables set
-        dist.init_process_group(backend=platform.backend, timeout=timeout)
+        dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(
-            backend=platform.backend,
+            backend=backend,
             init_method=f"tcp://127.0.0.1:{_free_loopback_port()}",
             rank=0,
             world_size=1,
@@ -84,11 +90,12 @@ def init_distributed(timeout: timedelta = timedelta(minutes=30)) -> Platform:
     return platform
 
 
-def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
+def init_model_parallel(layout: ParallelLayout, seed: int | None) -> None:
     """Initialise Megatron's TP/PP/DP groups for `layout` and seed its RNG tracker.
 
     `model_parallel_cuda_manual_seed` also reseeds the CPU generator on CPU (see cpu_compat), so
-    anything else that needs seeding must be seeded after this call.
+    anything else that needs seeding must be seeded after this call. `seed=None` seeds nothing
+    (work that initialises no weights, such as conversion: seeding would touch the CUDA RNG).
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -100,7 +107,8 @@ def init_model_parallel(layout: ParallelLayout, seed: int) -> None:
         pipeline_model_parallel_size=layout.pipeline,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
     )
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    if seed is not None:
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def destroy_model_parallel() -> None:

@@ -15,6 +15,7 @@ Every message is one line that starts with the key it is about.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import operator
 import re
 from collections.abc import Iterator, Mapping
@@ -168,6 +169,9 @@ def _path_problems(cfg: RiftConfig) -> Iterator[str]:
         yield f"eval.prompts {cfg.eval.prompts!r} " + (
             "is not a file" if Path(cfg.eval.prompts).exists() else "does not exist"
         )
+    if cfg.model.layer_impl == "transformer_engine" and importlib.util.find_spec("transformer_engine") is None:
+        yield ("model.layer_impl is 'transformer_engine' but Transformer Engine is not installed "
+               "(install the gpu extra: docs/gpu_install.md, or use 'auto' / 'local')")
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not Path(resume).exists():
         yield f"checkpoint.resume {resume!r} does not exist (use 'auto', 'none' or an existing checkpoint)"

@@ -62,6 +62,12 @@ class ModelConfig:
     dtype: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32", "Trainer parameter / compute dtype: fp32 (the CPU default), bf16 (GPU), fp16."
     )
+    layer_impl: Literal["auto", "transformer_engine", "local"] = _f(
+        "auto",
+        "Transformer layers: transformer_engine (TE's fused kernels, GPU), local (Megatron-Core's pure "
+        "PyTorch layers, any device); auto: TE when it is importable on a CUDA machine, else local (with a "
+        "one-line notice on CUDA). Checkpoints are interchangeable between the two.",
+    )
 
 
 @dataclass(frozen=True)

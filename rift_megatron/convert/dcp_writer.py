@@ -110,10 +110,14 @@ def write_megatron_checkpoint(directory: Path, chunks: Sequence[LazyChunk], obje
     not a checkpoint).
     """
     directory.mkdir(parents=True, exist_ok=True)
+    # per_thread_copy_ahead=0: DCP's default overlapping loader stages through a CUDA stream
+    # whenever CUDA is available, which would create a CUDA context (GPU memory) on a GPU node;
+    # our chunks are produced on the CPU, so the serial loader is the right one everywhere.
+    writer = FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1, per_thread_copy_ahead=0)
     try:
         save(
             {},
-            storage_writer=FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1),
+            storage_writer=writer,
             planner=_OnDemandPlanner(chunks, objects),
             no_dist=not dist.is_initialized() or dist.get_world_size() == 1,
         )

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from rift_megatron.models.hf_config import ModelArchitecture
+from rift_megatron.models.param_names import checkpoint_name
 from rift_megatron.models.provider import GPTModelProvider
-from rift_megatron.parallel import ParallelLayout
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,12 @@ class StoredObject:
 
 
 def sharded_model_state(arch: ModelArchitecture) -> dict:
-    """The TP1 model's sharded state dict, built on the meta device. Needs Megatron parallel
-    state initialised with TP1/PP1 (any data-parallel size)."""
+    """The TP1 model's sharded state dict, keyed by checkpoint names (`param_names.py`), built
+    on the meta device with the local layers on every machine (nothing is allocated, CPU or
+    GPU). Needs Megatron parallel state initialised with TP1/PP1 (any data-parallel size)."""
     with torch.device("meta"):
-        model = GPTModelProvider(arch, ParallelLayout())()
-    return model.sharded_state_dict()
+        model = GPTModelProvider.for_checkpoint_layout(arch)()
+    return {checkpoint_name(model, name): value for name, value in model.sharded_state_dict().items()}
 
 
 def _sharded_tensors(sharded) -> Iterator:

@@ -2,8 +2,10 @@
 
 One table says which HF tensors make up each Megatron parameter and how (the way
 Megatron-Bridge's per-model bridges declare `AutoMapping` / `QKVMapping` / `GatedMLPMapping`).
-Megatron names are those of the unwrapped TP1 `GPTModel` state dict built with the local layer
-spec; every mapping converts one *full* (unsharded) Megatron parameter. Tensor-parallel
+Megatron names are checkpoint names (`models/param_names.py`): the per-layer form of the keys
+Megatron's `dist_checkpointing` stores, which Transformer Engine models use as parameter names
+and local-spec models reach through their spec's `sharded_state_dict_keys_map`. So one table
+serves both layer implementations. Every mapping converts one *full* (unsharded) parameter. Tensor-parallel
 sharding, stacking of layers and the on-disk key names are Megatron's own `sharded_state_dict`
 business (see `layout.py`), so nothing here changes with TP or PP. The same table serves
 checkpoint conversion and the trainer -> vLLM weight sync.
@@ -192,7 +194,9 @@ _ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 LLAMA_FAMILY: tuple[ParamMapping, ...] = (
     VocabRows("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
-    Direct(_LAYER + "input_layernorm.weight", (_HF_LAYER + "input_layernorm.weight",), shape=_hidden),
+    Direct(
+        _LAYER + "self_attention.linear_qkv.layer_norm_weight", (_HF_LAYER + "input_layernorm.weight",), shape=_hidden
+    ),
     FusedQKV(_LAYER + "self_attention.linear_qkv.weight", tuple(f"{_HF_LAYER}{p}.weight" for p in _ATTN)),
     FusedQKV(
         _LAYER + "self_attention.linear_qkv.bias", tuple(f"{_HF_LAYER}{p}.bias" for p in _ATTN), when=_has_qkv_bias
@@ -202,7 +206,9 @@ LLAMA_FAMILY: tuple[ParamMapping, ...] = (
         (_HF_LAYER + "self_attn.o_proj.weight",),
         shape=lambda arch: (arch.hidden_size, arch.num_attention_heads * arch.head_dim),
     ),
-    Direct(_LAYER + "pre_mlp_layernorm.weight", (_HF_LAYER + "post_attention_layernorm.weight",), shape=_hidden),
+    Direct(
+        _LAYER + "mlp.linear_fc1.layer_norm_weight", (_HF_LAYER + "post_attention_layernorm.weight",), shape=_hidden
+    ),
     FusedGateUp(_LAYER + "mlp.linear_fc1.weight", (_HF_LAYER + "mlp.gate_proj.weight", _HF_LAYER + "mlp.up_proj.weight")),
     Direct(
         _LAYER + "mlp.linear_fc2.weight",

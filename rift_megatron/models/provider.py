@@ -8,7 +8,6 @@ conversion tables.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -17,7 +16,8 @@ import torch.nn.functional as F
 
 from rift_megatron.models.hf_config import ModelArchitecture, ModelConfigError
 from rift_megatron.parallel import ParallelLayout
-from rift_megatron.platform import Platform, current_platform
+from rift_megatron.platform import Platform, current_platform, resolve_layer_impl
+from rift_megatron.platform.device import LayerImpl
 
 # Megatron-LM pads the vocabulary to 128 x TP. We pad to a multiple of lcm(128, TP) instead:
 # the same for every power-of-two TP, so a checkpoint's embedding shape does not depend on the
@@ -118,18 +118,38 @@ def build_transformer_config(
     )
 
 
-def layer_spec(platform: Platform):
-    """Transformer Engine layers on GPU, Megatron-Core's local (pure PyTorch) layers on CPU."""
+def layer_spec(layer_impl: LayerImpl):
+    """One transformer layer: Transformer Engine's fused layers, or Megatron-Core's local (pure
+    PyTorch) layers with `SequenceParallelRMSNorm` in place of the torch norms (which refuse
+    sequence parallelism). Both name their parameters differently but checkpoint under the same
+    keys (the local spec's `sharded_state_dict_keys_map`; see `param_names.py`)."""
+    import dataclasses
+
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if platform.layer_impl == "transformer_engine":
-        if importlib.util.find_spec("transformer_engine") is None:
-            raise RuntimeError(
-                "CUDA is available but Transformer Engine is not installed; "
-                "install the GPU extras: pip install -e '.[gpu]'"
-            )
+    from rift_megatron.models.norms import SequenceParallelRMSNorm
+
+    if layer_impl == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    submodules = dataclasses.replace(
+        spec.submodules, input_layernorm=SequenceParallelRMSNorm, pre_mlp_layernorm=SequenceParallelRMSNorm
+    )
+    return dataclasses.replace(spec, submodules=submodules)
+
+
+def block_spec(config, layer_impl: LayerImpl, vp_stage: int | None):
+    """What GPTModel's decoder is built from. TE: the layer spec (Megatron adds TE's final norm).
+    Local: the block spelled out, so the final norm is `SequenceParallelRMSNorm` too (Megatron
+    would otherwise pick its torch norm for it)."""
+    if layer_impl == "transformer_engine":
+        return layer_spec(layer_impl)
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from rift_megatron.models.norms import SequenceParallelRMSNorm
+
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(layer_impl)] * layers, layer_norm=SequenceParallelRMSNorm)
 
 
 def _llama3_inv_freq(arch: ModelArchitecture, rotary) -> torch.Tensor:
@@ -153,7 +173,11 @@ def _llama3_inv_freq(arch: ModelArchitecture, rotary) -> torch.Tensor:
 
 
 class GPTModelProvider:
-    """Builds this rank's `GPTModel` (or one virtual-pipeline chunk of it)."""
+    """Builds this rank's `GPTModel` (or one virtual-pipeline chunk of it).
+
+    `layer_impl` is `model.layer_impl` ('auto' | 'transformer_engine' | 'local'), resolved once
+    here for the platform.
+    """
 
     def __init__(
         self,
@@ -161,12 +185,22 @@ class GPTModelProvider:
         layout: ParallelLayout,
         precision: PrecisionConfig = PrecisionConfig(),
         platform: Platform | None = None,
+        layer_impl: str = "auto",
     ) -> None:
         self.arch = arch
         self.layout = layout
         self.platform = platform or current_platform()
+        self.layer_impl = resolve_layer_impl(layer_impl, self.platform)
         self.config = build_transformer_config(arch, layout, precision, self.platform)
         self.padded_vocab_size = padded_vocab_size(arch.vocab_size, layout.tensor)
+
+    @classmethod
+    def for_checkpoint_layout(cls, arch: ModelArchitecture) -> "GPTModelProvider":
+        """The TP1 model conversion asks for its checkpoint layout, on any machine: local layers
+        and CPU initialisation, so that built under `torch.device("meta")` it allocates nothing
+        (with CUDA initialisation Megatron would place every weight on the GPU explicitly: ~290 GB
+        for a 72B model). Its checkpoint keys are those of every layout and implementation."""
+        return cls(arch, ParallelLayout(), platform=Platform(kind="cpu", backend="gloo"), layer_impl="local")
 
     def __call__(self, pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None):
         from megatron.core.models.gpt import GPTModel
@@ -174,7 +208,7 @@ class GPTModelProvider:
         arch = self.arch
         model = GPTModel(
             config=self.config,
-            transformer_layer_spec=layer_spec(self.platform),
+            transformer_layer_spec=block_spec(self.config, self.layer_impl, vp_stage),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=pre_process,

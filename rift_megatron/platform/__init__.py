@@ -1,9 +1,15 @@
 """Everything that differs between a CUDA machine and a CPU-only machine lives in this package.
 
-The rest of the code asks `current_platform()` for the device, the process-group backend and the
-transformer layer implementation, and never checks for CUDA itself.
+The rest of the code asks `current_platform()` for the device and the process-group backend, and
+`resolve_layer_impl()` for the transformer layer implementation, and never checks for CUDA itself.
 """
 
-from rift_megatron.platform.device import Platform, current_platform
+from rift_megatron.platform.device import (
+    LAYER_IMPL_CHOICES,
+    LayerImplError,
+    Platform,
+    current_platform,
+    resolve_layer_impl,
+)
 
-__all__ = ["Platform", "current_platform"]
+__all__ = ["LAYER_IMPL_CHOICES", "LayerImplError", "Platform", "current_platform", "resolve_layer_impl"]

@@ -18,13 +18,20 @@ _GIB = float(2**30)
 
 @functools.cache
 def _nvml_handle(index: int):
-    """NVML handle of this process's GPU, or None without nvidia-ml-py (then only torch's numbers)."""
+    """NVML handle of this process's GPU, or None without nvidia-ml-py (then only torch's numbers).
+
+    Looked up by UUID: NVML numbers GPUs physically, torch after CUDA_VISIBLE_DEVICES, so the same
+    index names different GPUs whenever the visible set is restricted (Slurm, containers).
+    """
     try:
         import pynvml
     except ImportError:
         return None
     pynvml.nvmlInit()
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is None:
+        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    return pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
 
 
 def memory_metrics() -> dict[str, float]:

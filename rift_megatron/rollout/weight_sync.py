@@ -16,7 +16,6 @@ land fails loudly. Peak extra memory: one bucket plus one full parameter.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,11 +25,9 @@ import torch.distributed as dist
 
 from rift_megatron.convert.mapping import expand
 from rift_megatron.models.hf_config import ModelArchitecture
+from rift_megatron.models.param_names import named_checkpoint_parameters
 from rift_megatron.platform import current_platform
 from rift_megatron.rollout.engine import RolloutEngine
-
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-
 
 class WeightSyncError(RuntimeError):
     """The engine does not hold the weights that were pushed."""
@@ -44,23 +41,10 @@ class SyncStats:
     buckets: int
 
 
-def _global_name(chunk: torch.nn.Module, local_name: str) -> str:
-    """Local parameter name -> the TP1 name with the global layer index (PP / VPP offsets)."""
-    match = _LAYER.match(local_name)
-    if not match:
-        return local_name
-    layer = chunk.decoder.layers[int(match.group(1))]
-    return f"decoder.layers.{layer.layer_number - 1}." + local_name[match.end():]
-
-
 def _local_params(chunks: list[torch.nn.Module], wanted: set[str]) -> dict[str, torch.nn.Parameter]:
-    params = {}
-    for chunk in chunks:
-        for name, param in chunk.named_parameters():
-            global_name = _global_name(chunk, name)
-            if global_name in wanted:  # a tied output_layer copy on the last stage is not
-                params[global_name] = param
-    return params
+    """This rank's parameters by checkpoint name (TE and local models alike); a tied output_layer
+    copy on the last stage is not in the table and is left out."""
+    return {name: param for name, param in named_checkpoint_parameters(chunks).items() if name in wanted}
 
 
 def _gather_tensor_parallel(param: torch.nn.Parameter, name: str, tp_group) -> torch.Tensor:

@@ -86,7 +86,8 @@ class Trainer:
 
         self.dp_rank = ps.get_data_parallel_rank()
         self.state = setup_training(self.arch, layout, to_optim_config(cfg), to_precision_config(cfg),
-                                    total_steps=cfg.training.steps, initial_weights=initial)
+                                    total_steps=cfg.training.steps, initial_weights=initial,
+                                    layer_impl=cfg.model.layer_impl)
         self.settings = to_loss_settings(cfg)
         self.hf_assets = Path(self.model_folder)  # config + tokenizer files, copied into every checkpoint
         self.rollout_step = 0

@@ -175,6 +175,7 @@ def setup_training(
     precision: PrecisionConfig = PrecisionConfig(),
     total_steps: int = 1,
     initial_weights: str | Path | None = None,
+    layer_impl: str = "auto",
 ) -> TrainState:
     """Model + optimizer + scheduler for an initialised `init_model_parallel(layout)`.
 
@@ -183,7 +184,7 @@ def setup_training(
     Without it the weights come from Megatron's seeded initialisation, which differs between
     pipeline layouts: compare layouts by loading the same weights.
     """
-    provider = GPTModelProvider(arch, layout, precision)
+    provider = GPTModelProvider(arch, layout, precision, layer_impl=layer_impl)
     chunks = build_model_chunks(provider)
     if initial_weights is not None:
         load_model_checkpoint(chunks, initial_weights)

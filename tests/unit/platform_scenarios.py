@@ -499,7 +499,9 @@ def setup(skip: str | None) -> dict | None:
         from rift_megatron.parallel import init_distributed
 
         platform = init_distributed(timeout=PG_TIMEOUT)  # current_platform(): all patches
-        return {"kind": platform.kind, "backend": platform.backend, "layer_impl": platform.layer_impl}
+        from rift_megatron.platform import resolve_layer_impl
+
+        return {"kind": platform.kind, "backend": platform.backend, "layer_impl": resolve_layer_impl("auto", platform)}
     cpu_compat.apply_cpu_compat(skip={skip})
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo", timeout=PG_TIMEOUT)

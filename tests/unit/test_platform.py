@@ -194,11 +194,11 @@ CUDA_PATH_PROBE = textwrap.dedent(
         cuda_again = current_platform()
     finally:
         torch.cuda.is_available = real_is_available
-    result = {"cuda_platform": [cuda.kind, cuda.backend, cuda.layer_impl],
+    result = {"cuda_platform": [cuda.kind, cuda.backend],
               "cached": cuda_again is cuda, "on_cuda": snapshot()}
     current_platform.cache_clear()
     cpu = current_platform()
-    result["cpu_platform"] = [cpu.kind, cpu.backend, cpu.layer_impl]
+    result["cpu_platform"] = [cpu.kind, cpu.backend]
     result["on_cpu"] = snapshot()
     current_platform.cache_clear()
     print("PROBE " + json.dumps(result))
@@ -341,7 +341,7 @@ def test_patch_is_needed(patch, runs):
 
 @cpu_only
 def test_cpu_platform_applies_every_patch(runs):
-    assert detect_platform() == Platform(kind="cpu", backend="gloo", layer_impl="local")
+    assert detect_platform() == Platform(kind="cpu", backend="gloo")
     for report in runs.all_patches():
         assert report["platform"] == {"kind": "cpu", "backend": "gloo", "layer_impl": "local"}
         assert report["applied"] == list(cpu_compat.PATCH_NAMES)
@@ -410,14 +410,14 @@ def test_apply_cpu_compat_refuses_when_cuda_is_available(monkeypatch, recorded_p
 def test_detect_platform_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     platform = detect_platform()
-    assert platform == Platform(kind="cuda", backend="nccl", layer_impl="transformer_engine")
+    assert platform == Platform(kind="cuda", backend="nccl")
     assert platform.is_cuda
 
 
 @cpu_only
 def test_cuda_path_applies_nothing(runs):
     probe = runs.cuda_path_probe()
-    assert probe["cuda_platform"] == ["cuda", "nccl", "transformer_engine"]
+    assert probe["cuda_platform"] == ["cuda", "nccl"]
     assert probe["cached"] is True
     on_cuda = probe["on_cuda"]
     assert on_cuda["apply_calls"] == 0
@@ -426,7 +426,7 @@ def test_cuda_path_applies_nothing(runs):
     assert all(on_cuda["megatron_sees_real_torch"].values()), on_cuda["megatron_sees_real_torch"]
     assert on_cuda["rng_functions_are_megatron_s"] == ["megatron.core.tensor_parallel.random"] * 2
     # Control: the same probe does see the layer applied on this CPU machine.
-    assert probe["cpu_platform"] == ["cpu", "gloo", "local"]
+    assert probe["cpu_platform"] == ["cpu", "gloo"]
     on_cpu = probe["on_cpu"]
     assert on_cpu["apply_calls"] == 1
     assert on_cpu["applied"] == list(cpu_compat.PATCH_NAMES)
@@ -448,3 +448,64 @@ def test_unknown_patch_name_is_refused(recorded_patches):
         cpu_compat.apply_cpu_compat(skip={"synchronize", "bogus"})
     assert recorded_patches == []
     assert cpu_compat.applied_patches() == ()
+
+
+# ---- model.layer_impl: one decision, made by the platform layer ---------------------------------
+
+
+def test_layer_impl_auto_is_local_on_the_cpu():
+    from rift_megatron.platform import resolve_layer_impl
+
+    assert resolve_layer_impl("auto", Platform(kind="cpu", backend="gloo")) == "local"
+    assert resolve_layer_impl("local", Platform(kind="cpu", backend="gloo")) == "local"
+
+
+def test_layer_impl_auto_on_cuda_without_transformer_engine_is_local_with_a_notice(monkeypatch, caplog):
+    """A stock CUDA PyTorch without TE must run (on the local layers), saying so once."""
+    from rift_megatron.platform import device, resolve_layer_impl
+
+    monkeypatch.setattr(device, "transformer_engine_available", lambda: False)
+    device._notice_local_layers_on_cuda.cache_clear()
+    cuda = Platform(kind="cuda", backend="nccl")
+    with caplog.at_level("WARNING", logger=device.__name__):
+        assert resolve_layer_impl("auto", cuda) == "local"
+        assert resolve_layer_impl("auto", cuda) == "local"
+    notices = [r.getMessage() for r in caplog.records if "Transformer Engine is not installed" in r.getMessage()]
+    assert len(notices) == 1, notices
+    assert "\n" not in notices[0]
+
+
+def test_layer_impl_auto_on_cuda_with_transformer_engine_is_transformer_engine(monkeypatch):
+    from rift_megatron.platform import device, resolve_layer_impl
+
+    monkeypatch.setattr(device, "transformer_engine_available", lambda: True)
+    assert resolve_layer_impl("auto", Platform(kind="cuda", backend="nccl")) == "transformer_engine"
+    assert resolve_layer_impl("local", Platform(kind="cuda", backend="nccl")) == "local"
+
+
+@pytest.mark.parametrize("kind,has_te,match", [
+    ("cpu", True, "needs a CUDA GPU"),
+    ("cuda", False, "Transformer Engine is not installed"),
+])
+def test_layer_impl_transformer_engine_refused_in_one_line_where_it_cannot_run(monkeypatch, kind, has_te, match):
+    from rift_megatron.platform import LayerImplError, device, resolve_layer_impl
+
+    monkeypatch.setattr(device, "transformer_engine_available", lambda: has_te)
+    with pytest.raises(LayerImplError, match=match) as error:
+        resolve_layer_impl("transformer_engine", Platform(kind=kind, backend="nccl" if kind == "cuda" else "gloo"))
+    assert "\n" not in str(error.value)
+
+
+def test_layer_impl_rejects_unknown_values():
+    from rift_megatron.platform import LayerImplError, resolve_layer_impl
+
+    with pytest.raises(LayerImplError, match="must be one of"):
+        resolve_layer_impl("te", Platform(kind="cpu", backend="gloo"))
+
+
+def test_to_device_moves_every_tensor_of_a_batch():
+    batch = {"tokens": torch.zeros(2, 3, dtype=torch.long), "rewards": torch.ones(2)}
+    moved = Platform(kind="cpu", backend="gloo").to_device(batch)
+    assert set(moved) == set(batch)
+    assert all(t.device == torch.device("cpu") for t in moved.values())
+    assert torch.equal(moved["rewards"], batch["rewards"])
