@@ -41,7 +41,7 @@ What one run does (everything under --work-dir, deleted at the end unless --keep
    every vLLM repetition, so repetitions do not reuse prompt KV from the previous one (within
    one call vLLM still shares a prompt's KV among its K samples: that is part of what it is).
 4. Sync. The trainer's weights are perturbed (so the push changes something), pushed once and
-   checked (`check_engine_matches`); then `push_weights(engine, state.unwrapped_chunks(), arch)`
+   checked (`probe_mismatch` + `check_mismatch`); then `push_weights(engine, state.unwrapped_chunks(), arch)`
    is timed --sync-reps times (median) against the baseline: `dst.copy_(src)` for every HF
    tensor `hf_weights` yields (sources materialised first, destinations pre-allocated, same
    bytes). With one rank there is no TP all-gather and no PP broadcast: the measured cost is
@@ -356,8 +356,13 @@ def measure_throughput(engine, model_dir, prompts, k, max_tokens, reps, seed, eo
 
 
 def measure_sync(engine, state, arch, reps: int, vocab: int, machine, profile: bool) -> dict:
-    from rift_megatron.rollout.weight_sync import WeightSyncError, check_engine_matches, hf_weights, push_weights
+    from rift_megatron.rollout.weight_sync import WeightSyncError, check_mismatch, hf_weights, probe_mismatch, push_weights
     from rift_megatron.training.forward import sequence_logprobs
+
+    def check_engine_matches(engine, trainer_lp, probe, atol: float) -> float:
+        mismatch = probe_mismatch(engine, trainer_lp, probe)
+        check_mismatch(mismatch, atol, "probe")
+        return mismatch.max
 
     chunks = state.unwrapped_chunks()
     # Perturb the trainer's weights so the first push really changes the engine, and check it.

@@ -49,6 +49,13 @@ class ParallelLayout:
     def model_parallel_size(self) -> int:
         return self.tensor * self.pipeline
 
+    @property
+    def sequence_multiple(self) -> int:
+        """What every sequence length fed to the model must be a multiple of: with sequence
+        parallelism Megatron splits the sequence over the tensor-parallel ranks (and asserts
+        that it divides)."""
+        return self.tensor if self.sequence_parallel else 1
+
     def data_parallel_size(self, world_size: int) -> int:
         """DP = world / (TP x PP); raises a readable error when that does not divide."""
         if world_size % self.model_parallel_size:
@@ -116,6 +123,21 @@ def destroy_model_parallel() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+
+
+# What torchrun / torchelastic put in a worker's environment: a child process that inherits them
+# joins (and hangs in) the parent's rendezvous as soon as it initialises torch.distributed.
+_LAUNCHER_VARIABLES = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+    "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+)
+
+
+def standalone_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) without the launcher's variables, for a subprocess that must
+    run as a world of its own (e.g. the start-up checkpoint conversion under torchrun)."""
+    env = dict(os.environ if env is None else env)
+    return {k: v for k, v in env.items() if k not in _LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
 
 
 def is_main_rank() -> bool:

@@ -70,23 +70,31 @@ def arithmetic_lines(count: int, seed: int = 0) -> list[str]:
     return lines
 
 
-def arithmetic_prompts(count: int, seed: int = 1) -> list[dict[str, str]]:
-    """Prompt-file records {"prompt", "answer"}."""
+def arithmetic_prompts(count: int, seed: int = 1, low: int = 0,
+                       template: str = "Question: What is {a} + {b}? Answer:") -> list[dict[str, str]]:
+    """Prompt-file records {"prompt", "answer"}: sums of two numbers in [low, 99]."""
     rng = random.Random(seed)
     records = []
     for _ in range(count):
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
-        records.append({"prompt": f"Question: What is {a} + {b}? Answer:", "answer": str(a + b)})
+        a, b = rng.randint(low, 99), rng.randint(low, 99)
+        records.append({"prompt": template.format(a=a, b=b), "answer": str(a + b)})
     return records
 
 
-def tiny_config() -> dict:
+# A wider variant (issue 12's reproduction model): every layer holds ~2.2 MB of fp32 weights, more
+# than a 1 MiB push bucket; tied embeddings like Qwen2.5-0.5B..3B, Llama-3.2 and SmolLM.
+WIDE_TIED = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2,
+             "tie_word_embeddings": True}
+
+
+def tiny_config(**overrides) -> dict:
     from rift_megatron.models.presets import tiny_hf_config
 
-    return tiny_hf_config(vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_POSITIONS, initializer_range=INIT_RANGE)
+    return tiny_hf_config(vocab_size=VOCAB_SIZE, max_position_embeddings=MAX_POSITIONS, initializer_range=INIT_RANGE,
+                          **overrides)
 
 
-def _build_hf_model(hf_dir: Path) -> None:
+def _build_hf_model(hf_dir: Path, overrides: dict) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -94,7 +102,7 @@ def _build_hf_model(hf_dir: Path) -> None:
 
     tok_dir = hf_dir.parent / "tokenizer"
     train_sentencepiece_tokenizer(arithmetic_lines(2000), vocab_size=VOCAB_SIZE, out_dir=tok_dir)
-    config = tiny_config()
+    config = tiny_config(**overrides)
     torch.manual_seed(MODEL_SEED)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
     assert type(model).__name__ == config["architectures"][0], type(model).__name__
@@ -107,8 +115,9 @@ def _build_hf_model(hf_dir: Path) -> None:
         shutil.copy(item, hf_dir / item.name)
 
 
-def build_tiny_model(root: Path) -> dict[str, Path]:
+def build_tiny_model(root: Path, **overrides) -> dict[str, Path]:
     """Build (once per `root`) the HF folder and its Megatron checkpoint; return their paths.
+    `overrides` change the config (e.g. WIDE_TIED).
 
     A marker file makes the build reusable by several test modules of one pytest session that
     share the same base temp dir (the build takes a few seconds).
@@ -119,7 +128,7 @@ def build_tiny_model(root: Path) -> dict[str, Path]:
         return paths
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    _build_hf_model(paths["hf"])
+    _build_hf_model(paths["hf"], overrides)
     # The conversion initialises a one-rank Megatron world in this process; run it in a
     # subprocess so the pytest process stays free of torch.distributed state.
     _run_python(
@@ -133,6 +142,11 @@ def build_tiny_model(root: Path) -> dict[str, Path]:
 def shared_tiny_model(tmp_path_factory) -> dict[str, Path]:
     """The tiny model under the session's base temp dir (built by the first module that asks)."""
     return build_tiny_model(tmp_path_factory.getbasetemp() / "rift-rollout-tiny-model")
+
+
+def shared_wide_tied_model(tmp_path_factory) -> dict[str, Path]:
+    """The WIDE_TIED variant, built once per session like `shared_tiny_model`."""
+    return build_tiny_model(tmp_path_factory.getbasetemp() / "rift-rollout-wide-tied-model", **WIDE_TIED)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

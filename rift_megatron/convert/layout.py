@@ -10,7 +10,6 @@ from this layout loads everywhere by construction.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 

@@ -37,6 +37,7 @@ _SUM_KEYS = (
     "logprob_sum_pos",
     "logprob_sum_neg",
     "logprob_diff_sum",
+    "logprob_mult_error_sum",
     "response_tokens",
 )
 _MAX_KEYS = ("neg_ratio_max", "logprob_diff_max")
@@ -65,6 +66,7 @@ def _mismatch(logprobs: Tensor, behavior: Tensor, mask: Tensor) -> dict[str, Ten
     diff = torch.where(used, (logprobs.detach().double() - behavior.detach().double()).abs(), 0.0)
     return {
         "logprob_diff_sum": diff.sum(),
+        "logprob_mult_error_sum": torch.where(used, diff.exp(), 0.0).sum(),
         "logprob_diff_max": diff.max() if diff.numel() else diff.new_zeros(()),
         "response_tokens": used.sum(),
     }
@@ -166,8 +168,9 @@ def reduce_loss_reports(reports: Sequence[Mapping[str, Tensor]], group: Any = No
     Returns ``loss`` (= loss_sum / tokens; 0 without tokens), ``loss_pos`` and ``loss_neg`` (each
     part / tokens, adding up to ``loss``), ``frac_neg_tokens``, ``ratio_mean_neg``,
     ``ratio_max_neg`` (0 without negatives), ``tokens``, ``logprob_mean_pos``, ``logprob_mean_neg``,
-    and ``logprob_diff_mean`` / ``logprob_diff_max``: |trainer - behaviour| log-prob over all
-    response tokens (the trainer-vs-engine mismatch at the first update after a weight sync).
+    ``logprob_diff_mean`` / ``logprob_diff_max``: |trainer - behaviour| log-prob over all
+    ``response_tokens`` (the trainer-vs-engine mismatch at the first update after a weight sync),
+    and ``token_mult_prob_error``: NeMo-RL's mean(exp|trainer - behaviour|) over them (1 = equal).
     """
     device = reports[0]["loss_sum"].device if reports else torch.device("cpu")
     sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64, device=device)
@@ -193,4 +196,6 @@ def reduce_loss_reports(reports: Sequence[Mapping[str, Tensor]], group: Any = No
         "logprob_mean_neg": _div(total["logprob_sum_neg"], total["neg_tokens"]),
         "logprob_diff_mean": _div(total["logprob_diff_sum"], total["response_tokens"]),
         "logprob_diff_max": max(maxs.tolist()[1], 0.0),
+        "token_mult_prob_error": _div(total["logprob_mult_error_sum"], total["response_tokens"]) or 1.0,
+        "response_tokens": total["response_tokens"],
     }

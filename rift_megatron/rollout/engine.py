@@ -1,15 +1,16 @@
 """The rollout engine: vLLM living inside the training processes (TRL / verl "colocate" style).
 
 Where the engine runs, and why:
-* Engine tensor-parallel size 1 (the CPU default, and small models on GPU): one in-process
-  engine per rank (`distributed_executor_backend="uni"`, V1 multiprocessing off), created after
-  the trainer's process group so vLLM joins it instead of making its own. Prompts are split
-  across ranks; nothing crosses process boundaries, so a weight push hands tensors over by
-  reference.
-* Engine tensor-parallel size R > 1 (large models on GPU): one engine per R consecutive ranks
-  with `distributed_executor_backend="external_launcher"` under torchrun, every rank hosting one
-  vLLM worker shard. vLLM requires every rank of one engine to submit the same prompts and
-  seeds, which `prompts_for_this_engine` guarantees.
+* Under torchrun (any engine tensor-parallel size R, 1 included): one engine per R consecutive
+  ranks with `distributed_executor_backend="external_launcher"` (TRL's co-located mode), every
+  rank hosting one in-process vLLM worker on its own local GPU (LOCAL_RANK). vLLM's `uni`
+  executor would put every rank's engine on GPU 0: its device comes from a device string with
+  no index. vLLM requires every rank of one engine to submit the same prompts and seeds, which
+  the rollout loader guarantees. The engine joins the trainer's process group (created first).
+* A single process without torchrun (`rift demo`, `rift rollout`, `rift eval`): the in-process
+  `uni` executor on the process's only device.
+Either way V1 multiprocessing is off: nothing crosses process boundaries, so a weight push
+hands tensors over by reference.
 
 On GPU the engine sleeps while the trainer trains (level 1: weights offloaded, KV cache freed)
 and wakes for rollout: weights first, then the new weights are pushed, then the KV cache. vLLM's
@@ -110,6 +111,17 @@ def request_seed(base_seed: int, step: int, prompt_index: int) -> int:
     return int.from_bytes(digest, "little") % (2**31 - 2**20)
 
 
+def executor_backend(tensor_parallel_size: int) -> str:
+    """`external_launcher` under torchrun (every rank's worker on its LOCAL_RANK device), `uni`
+    for a single process without torchrun; engine TP > 1 needs torchrun."""
+    under_torchrun = dist.is_initialized() and "LOCAL_RANK" in os.environ and "RANK" in os.environ
+    if under_torchrun:
+        return "external_launcher"
+    if tensor_parallel_size > 1:
+        raise RuntimeError("rollout.engine_tensor_parallel > 1 needs torchrun (an initialised process group)")
+    return "uni"
+
+
 class _PreservedRandomState:
     """vLLM seeds python / numpy / torch globally when it starts in-process; the trainer's RNG
     streams (data order, dropout) must not depend on whether an engine was built."""
@@ -132,9 +144,18 @@ class RolloutEngine:
         self.platform = current_platform()
         self._asleep = False
         self._llm = self._build()
+        self._check_placement()
+
+    def _check_placement(self) -> None:
+        """The engine's worker must sit on this rank's own device (co-location is the point)."""
+        where = self.placement()
+        logger.info("rollout engine worker: rank %s, local rank %s, %s", where["rank"], where["local_rank"], where["device"])
+        if self.platform.is_cuda and where["device"] != str(self.platform.device()):
+            raise RuntimeError(f"the rollout engine's worker is on {where['device']} but this rank trains on "
+                               f"{self.platform.device()}: every rank's engine must use its own GPU")
 
     def _build(self):
-        backend = "external_launcher" if self.config.tensor_parallel_size > 1 else "uni"
+        backend = executor_backend(self.config.tensor_parallel_size)
         # In-process engine: 2-3 s start instead of ~20 s, and pushed tensors pass by reference.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not self.platform.is_cuda:
@@ -142,8 +163,6 @@ class RolloutEngine:
             # the whole process, which the trainer shares.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gib))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        if backend == "external_launcher" and not dist.is_initialized():
-            raise RuntimeError("rollout.tensor_parallel_size > 1 needs torchrun (an initialised process group)")
         from vllm import LLM
 
         kwargs = dict(
@@ -226,8 +245,13 @@ class RolloutEngine:
     # ---- weights and memory -----------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load (a subset of) HF-named full tensors into every worker of this engine."""
+        """Load (a subset of) HF-named full tensors into every worker of this engine; the caller
+        keeps each fused layer's tensors in one call (see `weight_sync.buckets`)."""
         self._llm.collective_rpc("rift_load_weights", args=(list(weights),))
+
+    def placement(self) -> dict:
+        """This process's worker: its global and local rank and its device."""
+        return self._llm.collective_rpc("rift_placement")[0]
 
     def reset_prefix_cache(self) -> None:
         """Drop KV cached under the old weights: without it vLLM reuses it after a push."""

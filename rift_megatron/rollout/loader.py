@@ -14,6 +14,7 @@ from (seed, step, global prompt index).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,6 +115,7 @@ class RolloutDataLoader:
         ]) if is_leader else []
         local = [ScoredGeneration(g, s) for g, s in zip(generations, scores)]
         everyone, slowest = _gather(local, seconds)
+        _refuse_non_finite([s.generation for s in everyone])  # after the gather: every rank raises
         samples = sorted(everyone, key=lambda s: (s.generation.prompt_index, s.generation.sample_index))
         shard = PromptSampler.shard(samples, dp_rank, dp_size)
         train_batch = build_train_batch(
@@ -122,6 +124,21 @@ class RolloutDataLoader:
             pad_id=self.pad_id,
         )
         return RolloutBatch(train_batch=train_batch, samples=samples, metrics=rollout_metrics(samples, slowest))
+
+
+def _refuse_non_finite(generations: Sequence[Generation]) -> None:
+    """A sampled token always has a finite log-prob under the policy that sampled it; NaN or -inf
+    means the engine computes garbage (a push that left a layer half-loaded does exactly this)."""
+    from rift_megatron.rollout.weight_sync import WeightSyncError
+
+    bad = [(g, t) for g in generations for t, value in enumerate(g.behavior_logprobs) if not math.isfinite(value)]
+    if bad:
+        g, t = bad[0]
+        raise WeightSyncError(
+            f"the rollout engine returned non-finite log-probs for {len(bad)} sampled tokens (first: prompt "
+            f"{g.prompt_index}, sample {g.sample_index}, token {t}: {g.behavior_logprobs[t]}): its weights are "
+            "corrupt (a failed weight push?)"
+        )
 
 
 def _gather(local: list[ScoredGeneration], seconds: float) -> tuple[list[ScoredGeneration], float]:

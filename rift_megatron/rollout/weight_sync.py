@@ -7,15 +7,19 @@ Nothing touches disk. Per parameter, in one order every rank agrees on:
      and so every rank's vLLM worker, holds it;
   3. the conversion table (`convert/mapping.py`, the same one checkpoint conversion uses) splits
      it into HF-named tensors (QKV and gate/up split, vocabulary padding stripped);
-  4. HF tensors are collected into buckets of `bucket_bytes` and loaded through the workers'
-     in-place `reload_weights` path.
-Then the prefix cache is reset (cached KV from the old weights would otherwise be reused), and a
-probe sequence's log-probs from the engine are compared with the trainer's: a push that did not
-land fails loudly. Peak extra memory: one bucket plus one full parameter.
+  4. HF tensors are collected into buckets of about `bucket_bytes`, cut only between whole
+     transformer layers (vLLM must receive a fused layer's parts in one call), and loaded
+     through the workers' in-place `reload_weights` path.
+Then the prefix cache is reset (cached KV from the old weights would otherwise be reused). Whether
+the push landed is judged on the next rollout's sampled tokens: the trainer recomputes their
+log-probs in its first step anyway, and `check_mismatch` compares the two before the optimizer
+moves (`logprob_mismatch` / the step's `logprob_diff_mean`). Peak extra memory: one bucket (at
+least one layer) plus one full parameter.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +32,8 @@ from rift_megatron.models.hf_config import ModelArchitecture
 from rift_megatron.models.param_names import named_checkpoint_parameters
 from rift_megatron.platform import current_platform
 from rift_megatron.rollout.engine import RolloutEngine
+
+_HF_LAYER = re.compile(r"^model\.layers\.\d+\.")
 
 class WeightSyncError(RuntimeError):
     """The engine does not hold the weights that were pushed."""
@@ -117,16 +123,40 @@ def hf_weights(chunks: list[torch.nn.Module], arch: ModelArchitecture) -> Iterat
         yield from zip(mapping.hf, mapping.to_hf(full, arch))
 
 
+def reload_unit(hf_name: str) -> str:
+    """The group of HF tensors that must reach vLLM in one reload call.
+
+    vLLM 0.32's in-place reload finalises, at the end of every `reload_weights` call, each layer
+    it received part of, rebuilding the missing part from uninitialised memory: q/k/v of one
+    attention (vLLM's fused `qkv_proj`) or gate/up (`gate_up_proj`) split across calls corrupt
+    the engine. A whole transformer layer (`model.layers.N`) is a superset of every fused vLLM
+    layer in it; the embedding, final norm and LM head are single tensors.
+    """
+    match = _HF_LAYER.match(hf_name)
+    return match.group(0) if match else hf_name
+
+
 def buckets(weights: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group tensors into lists of about `bucket_bytes` (one oversized tensor makes its own)."""
-    bucket, size = [], 0
-    for name, tensor in weights:
-        nbytes = tensor.numel() * tensor.element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, tensor))
-        size += nbytes
+    """Group tensors into lists of about `bucket_bytes`, cut only between reload units (whole
+    layers): a unit larger than the bucket goes alone, so the peak is max(bucket, one layer)."""
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    unit: list[tuple[str, torch.Tensor]] = []
+    unit_name, unit_size = None, 0
+    for name, tensor in [*weights, (None, None)]:
+        this_unit = reload_unit(name) if name is not None else None
+        if unit and this_unit != unit_name:  # the previous unit is complete
+            if bucket and size + unit_size > bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+            bucket.extend(unit)
+            size += unit_size
+            unit, unit_size = [], 0
+        if name is None:
+            break
+        unit_name = this_unit
+        unit.append((name, tensor))
+        unit_size += tensor.numel() * tensor.element_size()
     if bucket:
         yield bucket
 
@@ -143,21 +173,55 @@ def push_weights(
         total_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         tensors += len(bucket)
         count += 1
+    expected = sum(len(m.hf) for m in expand(arch))
+    if tensors != expected:
+        raise WeightSyncError(f"pushed {tensors} tensors, the model has {expected}")
     engine.wake_up(["kv_cache"])
     engine.reset_prefix_cache()
     return SyncStats(seconds=time.perf_counter() - start, bytes=total_bytes, tensors=tensors, buckets=count)
 
 
-def check_engine_matches(
-    engine: RolloutEngine, trainer_logprobs: torch.Tensor, probe: torch.Tensor, atol: float
-) -> float:
-    """Compare the engine's log-probs of `probe` ([B, S] token ids) with the trainer's
-    ([B, S-1]); raise WeightSyncError past `atol`, else return the max abs difference."""
-    engine_logprobs = torch.tensor(engine.prompt_logprobs(probe.tolist()), dtype=torch.float32)
-    diff = float((engine_logprobs - trainer_logprobs.float()).abs().max())
-    if not diff <= atol:
+@dataclass(frozen=True)
+class LogprobMismatch:
+    """Trainer vs engine log-probs of the same sampled tokens, under the same weights.
+
+    `mean` (mean |difference|) is what the sync check judges: kernel noise is many small
+    differences of both signs, while a stale or corrupt push shifts many tokens at once, so the
+    mean separates them where a single maximum cannot (at 70B in bf16 the maximum of kernel noise
+    alone approaches 0.1). `max` is logged; `mult_error` is NeMo-RL's token multiplicative
+    probability error, mean(exp|difference|) (1.0 = identical).
+    """
+
+    mean: float
+    max: float
+    mult_error: float
+    tokens: int
+
+
+def logprob_mismatch(trainer: torch.Tensor, engine: torch.Tensor, mask: torch.Tensor) -> LogprobMismatch:
+    """Statistics over the positions where `mask` is set (float64, on the CPU)."""
+    used = mask.detach().cpu() != 0
+    diff = (trainer.detach().cpu().double() - engine.detach().cpu().double()).abs()[used]
+    if diff.numel() == 0:
+        return LogprobMismatch(mean=0.0, max=0.0, mult_error=1.0, tokens=0)
+    return LogprobMismatch(mean=float(diff.mean()), max=float(diff.max()), mult_error=float(diff.exp().mean()),
+                           tokens=int(diff.numel()))
+
+
+def probe_mismatch(
+    engine: RolloutEngine, trainer_logprobs: torch.Tensor, probe: torch.Tensor, mask: torch.Tensor | None = None
+) -> LogprobMismatch:
+    """The engine's log-probs of `probe` ([B, S] token ids, positions 1..S-1) against the
+    trainer's (`trainer_logprobs`, [B, S-1]) where `mask` ([B, S-1]; default: everywhere) is set."""
+    engine_logprobs = torch.tensor(engine.prompt_logprobs(probe.tolist()), dtype=torch.float64)
+    return logprob_mismatch(trainer_logprobs, engine_logprobs, torch.ones_like(engine_logprobs) if mask is None else mask)
+
+
+def check_mismatch(mismatch: LogprobMismatch, tolerance: float, where: str) -> None:
+    """Raise WeightSyncError (one line) when the mean mismatch exceeds `tolerance`."""
+    if mismatch.tokens and not mismatch.mean <= tolerance:
         raise WeightSyncError(
-            f"after the weight push the engine's log-probs differ from the trainer's by {diff:.3g} "
-            f"(> {atol:g}): the engine does not hold the trainer's weights"
+            f"{where}: trainer and engine log-probs of {mismatch.tokens} sampled tokens differ by {mismatch.mean:.3g} "
+            f"on average (max {mismatch.max:.3g}; tolerance {tolerance:g}, rollout.sync_check_atol): the engine does "
+            "not hold the trainer's weights"
         )
-    return diff

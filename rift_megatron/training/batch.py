@@ -55,6 +55,26 @@ def shard_for_data_parallel(batch: Mapping[str, torch.Tensor], rank: int, size: 
     return select_samples(batch, rank * per_rank, (rank + 1) * per_rank)
 
 
+def pad_sequences(batch: Mapping[str, torch.Tensor], multiple: int) -> TrainBatch:
+    """The batch with its rows right-padded to a multiple of `multiple` tokens (sequence
+    parallelism splits the sequence over TP ranks). Padding is out of the loss (mask 0) and, at
+    the end of causal rows, changes nothing before it; positions continue counting."""
+    seq = batch["tokens"].shape[1]
+    extra = -seq % multiple
+    if extra == 0:
+        return dict(batch)
+    padded = {}
+    for key, value in batch.items():
+        if key == "rewards":
+            padded[key] = value
+        elif key == "position_ids":
+            tail = value[:, -1:] + torch.arange(1, extra + 1, dtype=value.dtype, device=value.device)
+            padded[key] = torch.cat([value, tail], dim=1)
+        else:
+            padded[key] = torch.nn.functional.pad(value, (0, extra), value=0)
+    return padded
+
+
 def split_micro_batches(batch: Mapping[str, torch.Tensor], micro_batch_size: int) -> list[TrainBatch]:
     """Cut a (per-rank) batch into equal micro-batches of `micro_batch_size` samples."""
     samples = validate_batch(batch)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from rift_megatron.platform import current_platform
 import torch.distributed as dist
 
 LATEST = "latest"
@@ -132,7 +134,7 @@ def rng_states() -> dict:
         "torch": torch.get_rng_state(),
         "tracker": get_cuda_rng_tracker().get_states(),
     }
-    if torch.cuda.is_available():
+    if current_platform().is_cuda:
         states["cuda"] = torch.cuda.get_rng_state()
     return states
 
@@ -144,7 +146,7 @@ def restore_rng_states(states: dict) -> None:
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     get_cuda_rng_tracker().set_states(states["tracker"])
-    if "cuda" in states and torch.cuda.is_available():
+    if "cuda" in states and current_platform().is_cuda:
         torch.cuda.set_rng_state(states["cuda"])
 
 

@@ -12,22 +12,36 @@ import torch
 import torch.distributed as dist
 
 from rift_megatron.loss import vocab_parallel_logprobs
+from rift_megatron.platform import current_platform
+
+
+def _sequence_multiple(model: list) -> int:
+    """What the sequence length must be a multiple of for this model (sequence parallelism)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_model_config
+
+    return ps.get_tensor_model_parallel_world_size() if get_model_config(model[0]).sequence_parallel else 1
 
 
 def forward_only(model: list, tokens: torch.Tensor, collect: Callable[[torch.Tensor], dict]) -> dict | None:
     """Run `tokens` ([B, S], one micro-batch) through Megatron's forward-only schedule.
 
     Returns `collect(output)` on the last pipeline stage (output: [B, S, vocab/TP] logits), None
-    on the other stages.
+    on the other stages. The tokens are moved to this process's device and, under sequence
+    parallelism, right-padded to a multiple of the TP size; the logits of the padding are cut off
+    before `collect` sees them (causal attention: padding at the end changes nothing before it).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch, seq = tokens.shape
-    positions = torch.arange(seq, device=tokens.device).expand(batch, seq)
+    padded = seq + (-seq % _sequence_multiple(model))
+    tokens = torch.nn.functional.pad(tokens, (0, padded - seq)).to(current_platform().device())
+    positions = torch.arange(padded, device=tokens.device).expand(batch, padded)
 
     def forward_step(data_iterator, chunk):
-        return chunk(next(data_iterator), positions, None), lambda output: (torch.zeros(()), collect(output))
+        output = chunk(next(data_iterator), positions, None)
+        return output, lambda logits: (torch.zeros((), device=logits.device), collect(logits[:, :seq]))
 
     was_training = [chunk.training for chunk in model]
     for chunk in model:
@@ -39,7 +53,7 @@ def forward_only(model: list, tokens: torch.Tensor, collect: Callable[[torch.Ten
                 data_iterator=[iter([tokens]) for _ in model] if len(model) > 1 else iter([tokens]),
                 model=model if len(model) > 1 else model[0],
                 num_microbatches=1,
-                seq_length=seq,
+                seq_length=padded,
                 micro_batch_size=batch,
                 forward_only=True,
             )
@@ -57,6 +71,7 @@ def sequence_logprobs(model: list, tokens: torch.Tensor, vocab_size: int) -> tor
     """
     from megatron.core import parallel_state as ps
 
+    tokens = tokens.to(current_platform().device())
     tp_group = ps.get_tensor_model_parallel_group()
     result = forward_only(
         model,
@@ -65,7 +80,8 @@ def sequence_logprobs(model: list, tokens: torch.Tensor, vocab_size: int) -> tor
             "logprobs": vocab_parallel_logprobs(logits[:, :-1], tokens[:, 1:], vocab_size=vocab_size, tp_group=tp_group)
         },
     )
-    logprobs = result["logprobs"] if result is not None else torch.empty(tokens.shape[0], tokens.shape[1] - 1)
+    logprobs = (result["logprobs"] if result is not None
+                else torch.empty(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.float32, device=tokens.device))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         dist.broadcast(logprobs, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
     return logprobs

@@ -12,6 +12,7 @@ resumable sampler; one optimizer step each.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -39,7 +40,13 @@ from rift_megatron.convert.checkpoint_files import resolve_checkpoint
 from rift_megatron.data.prompts import load_prompts, render_prompt
 from rift_megatron.data.sampler import PromptSampler
 from rift_megatron.models.hf_config import load_hf_config
-from rift_megatron.parallel import destroy_model_parallel, init_distributed, init_model_parallel, is_main_rank
+from rift_megatron.parallel import (
+    destroy_model_parallel,
+    init_distributed,
+    init_model_parallel,
+    is_main_rank,
+    standalone_environment,
+)
 from rift_megatron.platform.memory import memory_metrics
 from rift_megatron.rollout.batching import Sample, build_train_batch
 from rift_megatron.training.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
@@ -55,15 +62,19 @@ def _barrier() -> None:
 
 def initial_checkpoint(cfg: RiftConfig) -> Path:
     """`model.mcore_ckpt` (a checkpoint, or a run directory: its `latest`), or `hf_dir` converted
-    once into the run directory (rank 0, in a subprocess so the conversion's TP1 Megatron world
-    does not touch the trainer's)."""
+    once into the run directory by global rank 0 while the others wait (`logging.dir` must be on
+    a file system every node sees). The conversion runs in a subprocess with the launcher's
+    variables removed: it is a world of its own (inheriting torchrun's RANK / MASTER_* it would
+    join the trainer's rendezvous and hang), split over as many processes as this node has ranks
+    (they are idle until it is done)."""
     if cfg.model.mcore_ckpt:
         return resolve_checkpoint(cfg.model.mcore_ckpt)
     target = Path(cfg.logging.dir) / "initial_mcore"
     if is_main_rank() and not (target / "metadata.json").is_file():
+        nproc = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         command = [sys.executable, "-m", "rift_megatron.cli", "convert", "hf-to-mcore",
-                   "--hf", cfg.model.hf_dir, "--out", str(target), "--overwrite"]
-        result = subprocess.run(command, capture_output=True, text=True)
+                   "--hf", cfg.model.hf_dir, "--out", str(target), "--overwrite", "--nproc", str(nproc)]
+        result = subprocess.run(command, capture_output=True, text=True, env=standalone_environment())
         if result.returncode != 0:
             raise RuntimeError(f"converting {cfg.model.hf_dir} failed:\n{result.stderr[-3000:]}")
     _barrier()
@@ -89,6 +100,7 @@ class Trainer:
                                     total_steps=cfg.training.steps, initial_weights=initial,
                                     layer_impl=cfg.model.layer_impl)
         self.settings = to_loss_settings(cfg)
+        self.sync_tolerance = sync_check_tolerance(cfg)
         self.hf_assets = Path(self.model_folder)  # config + tokenizer files, copied into every checkpoint
         self.rollout_step = 0
         self._sampler_state = None
@@ -151,47 +163,68 @@ class Trainer:
 
     # ---- pieces of an iteration -------------------------------------------------------------
 
-    def _train_on(self, batch: dict, extra: dict, history: list) -> None:
+    def _train_on(self, batch: dict, extra: dict, history: list, after_push: bool = False) -> None:
         """Optimizer steps over this rank's share `batch` in global batches; log each.
 
         The co-located engine sleeps meanwhile (GPU: its weights are offloaded and its KV cache
-        freed, so the trainer gets the memory back; CPU: a no-op); the next push wakes it."""
+        freed, so the trainer gets the memory back; CPU: a no-op); the next push wakes it.
+        `after_push`: `batch` was sampled by the engine right after a weight push, so the first
+        step's recomputed log-probs of the sampled tokens check that push before the weights move.
+        """
         if self.engine is not None:
             self.engine.sleep()
         per_rank = self.cfg.training.global_batch_size // self.dp_size
         samples = batch["tokens"].shape[0]
+        check = self._push_check if after_push and self.sync_tolerance is not None else None
         for _ in range(self.cfg.training.epochs_per_rollout):
             for start in range(0, samples, per_rank):
                 if self.state.step >= self.cfg.training.steps:
                     return
                 chunk = {key: value[start:start + per_rank] for key, value in batch.items()}
                 started = time.perf_counter()
-                metrics = train_step(self.state, chunk, self.settings, self.cfg.training.micro_batch_size)
+                metrics = train_step(self.state, chunk, self.settings, self.cfg.training.micro_batch_size, check=check)
                 metrics.update(extra, train_seconds=time.perf_counter() - started, **memory_metrics())
                 history.append(metrics)
                 self.logger.log(metrics)
-                extra = {}
+                extra, check = {}, None
+
+    def _push_check(self, metrics: dict) -> None:
+        """The sync check on a rollout's sampled tokens (the step's trainer-vs-behaviour stats)."""
+        from rift_megatron.rollout.weight_sync import LogprobMismatch, check_mismatch
+
+        mismatch = LogprobMismatch(mean=metrics["logprob_diff_mean"], max=metrics["logprob_diff_max"],
+                                   mult_error=metrics["token_mult_prob_error"], tokens=int(metrics["response_tokens"]))
+        check_mismatch(mismatch, self.sync_tolerance, f"weight push before step {self.state.step + 1}")
 
     def _sync(self) -> dict:
-        from rift_megatron.rollout.weight_sync import check_engine_matches, push_weights
-        from rift_megatron.training.forward import sequence_logprobs
+        from rift_megatron.rollout.weight_sync import push_weights
 
         stats = push_weights(self.engine, self.state.unwrapped_chunks(), self.arch,
                              bucket_bytes=self.cfg.rollout.sync_bucket_mb * 2**20)
-        result = {"sync_seconds": stats.seconds, "sync_bytes": float(stats.bytes)}
-        tolerance = sync_check_tolerance(self.cfg)
-        if self.cfg.rollout.sync_check and tolerance is not None:
-            ids = (self.prompt_ids if self.cfg.data.mode == "online" else self.eval_ids)[0]
-            probe = torch.tensor([ids], dtype=torch.long)
-            trainer = sequence_logprobs(self.state.model, probe, self.arch.vocab_size)
-            result["sync_probe_max_abs_diff"] = check_engine_matches(self.engine, trainer, probe, tolerance)
-        return result
+        return {"sync_seconds": stats.seconds, "sync_bytes": float(stats.bytes), "sync_buckets": float(stats.buckets)}
+
+    def _probe_check(self) -> dict:
+        """Offline runs push only to evaluate, and no rollout follows to check the push on: compare
+        the engine's and the trainer's log-probs of one buffer sample's response instead."""
+        from rift_megatron.rollout.weight_sync import check_mismatch, probe_mismatch
+        from rift_megatron.training.forward import sequence_logprobs
+
+        row = self.buffer[0]
+        probe = torch.tensor([list(row.prompt_ids) + list(row.response_ids)], dtype=torch.long)
+        trainer = sequence_logprobs(self.state.model, probe, self.arch.vocab_size)
+        mask = torch.zeros(1, probe.shape[1] - 1)
+        mask[:, len(row.prompt_ids) - 1:] = 1.0  # position t-1 predicts token t: the response tokens
+        mismatch = probe_mismatch(self.engine, trainer, probe, mask)
+        check_mismatch(mismatch, self.sync_tolerance, f"weight push for the evaluation at step {self.state.step}")
+        return {"sync_logprob_diff_mean": mismatch.mean, "sync_logprob_diff_max": mismatch.max}
 
     def _evaluate(self) -> dict:
         from rift_megatron.rollout.evaluate import evaluate
 
         if self.cfg.data.mode == "offline" and self.state.step > 0:
             self._sync()  # offline training never pushes otherwise: evaluate the current weights
+            if self.sync_tolerance is not None:
+                self._probe_check()
 
         max_tokens = self.cfg.eval.max_tokens or self.cfg.rollout.max_tokens
         result = evaluate(self.engine, self.eval_records, self.eval_ids, self.pool, max_tokens=max_tokens,
@@ -217,6 +250,8 @@ class Trainer:
         if self.engine is not None:
             # the engine starts from hf_dir's weights (or none at all); a resumed trainer differs
             pending.update(self._sync())
+            if cfg.data.mode == "offline" and self.sync_tolerance is not None:
+                pending.update(self._probe_check())
             if cfg.eval.prompts and self.state.step == 0:
                 pending.update({f"initial_{k}": v for k, v in self._evaluate().items()})
         last_checkpoint, last_evaluation = self.state.step, None
@@ -224,7 +259,7 @@ class Trainer:
             before = self.state.step
             if cfg.data.mode == "online":
                 rollout = self._rollout_batch()
-                self._train_on(rollout.train_batch, {**pending, **rollout.metrics}, history)
+                self._train_on(rollout.train_batch, {**pending, **rollout.metrics}, history, after_push=True)
                 pending = self._sync()
             else:
                 indices = PromptSampler.shard(self.sampler.next_batch(), self.dp_rank, self.dp_size)

@@ -9,15 +9,20 @@ loss parts a RIFT user wants to watch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
 
 from rift_megatron.loss import LossSettings, count_sign_tokens, make_loss_func, reduce_loss_reports
 from rift_megatron.parallel import all_reduce_sum
-from rift_megatron.training.batch import TrainBatch, split_micro_batches, validate_batch
+from rift_megatron.platform import current_platform
+from rift_megatron.training.batch import TrainBatch, pad_sequences, split_micro_batches, validate_batch
 from rift_megatron.training.setup import TrainState
+
+# Called with the step's reduced metrics (identical on every rank) before the optimizer steps;
+# raising there stops every rank before the weights move (e.g. a failed weight-sync check).
+MetricsCheck = Callable[[dict[str, float]], None]
 
 
 def global_sign_token_counts(batch: Mapping[str, torch.Tensor], settings: LossSettings, dp_group) -> tuple[int, int]:
@@ -42,22 +47,31 @@ def _broadcast_from_last_stage(metrics: dict[str, float] | None) -> dict[str, fl
     return holder[0]
 
 
+def prepare_batch(batch: Mapping[str, torch.Tensor], state: TrainState) -> TrainBatch:
+    """Where a batch enters the trainer (Megatron-LM's `get_batch`): rows padded to the length
+    the layout needs (sequence parallelism), then moved once to this process's device."""
+    validate_batch(batch)
+    return current_platform().to_device(pad_sequences(batch, state.provider.layout.sequence_multiple))
+
+
 def train_step(
     state: TrainState,
     batch: TrainBatch,
     settings: LossSettings,
     micro_batch_size: int,
+    check: MetricsCheck | None = None,
 ) -> dict[str, float]:
     """Train on this data-parallel rank's share `batch` of the global batch; return step metrics.
 
     A global batch with no loss tokens (e.g. every reward 0 under rift) carries no signal: the
     optimizer step is skipped (Adam would otherwise still move the weights with its momentum),
-    and `skipped` is 1 in the metrics.
+    and `skipped` is 1 in the metrics. `check`, if given, sees the forward/backward metrics
+    before the optimizer step and may raise to stop the step on every rank.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    validate_batch(batch)
+    batch = prepare_batch(batch, state)
     micro_batches = split_micro_batches(batch, micro_batch_size)
     dp_group = ps.get_data_parallel_group()
     tp_group = ps.get_tensor_model_parallel_group()
@@ -86,6 +100,10 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
+    metrics = reduce_loss_reports(reports, group=dp_group) if ps.is_pipeline_last_stage() else None
+    metrics = dict(_broadcast_from_last_stage(metrics))
+    if check is not None:
+        check(metrics)
     skipped = sum(counts) == 0
     grad_norm = 0.0
     if not skipped:
@@ -94,8 +112,6 @@ def train_step(
         if update_successful:
             state.scheduler.step(increment=1)
     state.step += 1
-    metrics = reduce_loss_reports(reports, group=dp_group) if ps.is_pipeline_last_stage() else None
-    metrics = dict(_broadcast_from_last_stage(metrics))
     metrics.update(
         step=state.step,
         grad_norm=float(grad_norm or 0.0),

@@ -28,3 +28,51 @@ def run_torchrun(script: Path, nproc: int, spec: dict, work_dir: Path, timeout: 
             f"torchrun {script.name} x{nproc} failed ({result.returncode}):\n"
             f"--- stdout ---\n{result.stdout[-6000:]}\n--- stderr ---\n{result.stderr[-12000:]}"
         )
+
+
+def train_command(overrides: list[str], nproc: int) -> list[str]:
+    """`rift train` as a user launches it: `torchrun --nproc-per-node N -m rift_megatron.train` (the
+    CLI itself for one process) with dotted overrides / flags."""
+    launcher = (["-m", "rift_megatron.cli", "train"] if nproc == 1 else
+                ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "rift_megatron.train"])
+    return [sys.executable, *launcher, *overrides]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every line of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def run_train(overrides: list[str], nproc: int, run_dir: Path, timeout: float = 900) -> list[dict]:
+    """Run `train_command`, fail the test with its output unless it exits 0 in time; its metrics.
+    A run that does not finish in time (a hang) fails with its output so far."""
+    from tests.rollout_fixtures import subprocess_env
+
+    try:
+        result = subprocess.run(train_command(overrides, nproc), env=subprocess_env(), cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        raise AssertionError(f"rift train x{nproc} did not finish in {timeout:.0f} s (a hang?):\n{error.stderr}") from None
+    assert result.returncode == 0, f"rift train x{nproc} failed ({result.returncode}):\n{result.stderr[-8000:]}"
+    return read_metrics(run_dir)
+
+
+def online_overrides(prompts: Path, run_dir: Path, steps: int, **settings) -> list[str]:
+    """Dotted overrides of a short online run: 4 prompts x 2 samples of <= 8 tokens per step, one
+    optimizer step of 8 samples in micro-batches of 2, lr 1e-3; `settings` (dotted key -> value)
+    add to or replace them."""
+    base = {"optim.lr": "1e-3", "algorithm.reward": "exact", "algorithm.reward_workers": 1,
+            "data.prompts": prompts, "data.prompts_per_step": 4, "rollout.k": 2, "rollout.max_tokens": 8,
+            "training.steps": steps, "training.global_batch_size": 8, "training.micro_batch_size": 2,
+            "logging.dir": run_dir, "logging.tensorboard": "false"}
+    return [f"{key}={value}" for key, value in {**base, **settings}.items()]
+
+
+def online_run(work: Path, nproc: int, steps: int, timeout: float = 900, **settings) -> dict:
+    """A short online run (`online_overrides` + `settings`) on 8 arithmetic prompts in `work`;
+    returns {"metrics", "work"} (the run directory is work/run)."""
+    from tests.rollout_fixtures import arithmetic_prompts, write_jsonl
+
+    prompts = write_jsonl(work / "prompts.jsonl", arithmetic_prompts(8))
+    overrides = online_overrides(prompts, work / "run", steps, **settings)
+    return {"metrics": run_train(overrides, nproc, work / "run", timeout=timeout), "work": work}

@@ -45,7 +45,8 @@ def write_initial_weights(spec: dict, work: Path) -> None:
 def train_run(spec: dict, run: dict, work: Path) -> None:
     from megatron.core import parallel_state as ps
 
-    layout = ParallelLayout(tensor=run["tp"], pipeline=run["pp"], virtual_pipeline=run.get("vpp"))
+    layout = ParallelLayout(tensor=run["tp"], pipeline=run["pp"], virtual_pipeline=run.get("vpp"),
+                            sequence_parallel=run.get("sp", False))
     init_model_parallel(layout, seed=1234)
     state = setup_training(
         architecture(spec),
@@ -56,7 +57,7 @@ def train_run(spec: dict, run: dict, work: Path) -> None:
     )
     settings = LossSettings(**run.get("loss", {}))
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    shard = shard_for_data_parallel(mixed_reward_batch(seed=7), dp_rank, dp_size)
+    shard = shard_for_data_parallel(mixed_reward_batch(seed=7, seq_len=run.get("seq_len", 24)), dp_rank, dp_size)
     micro_batch_size = run.get("micro_batch_size", 2)
     history = [train_step(state, shard, settings, micro_batch_size) for _ in range(spec["steps"])]
     save_model_checkpoint(state.unwrapped_chunks(), work / run["name"])

@@ -171,6 +171,16 @@ def engine_checks(engine, prompts: list[list[int]], spec: dict) -> dict:
 # ------------------------------------------------------------------------------ sync checks
 
 
+def check_engine_matches(engine, trainer_logprobs, probe, atol: float) -> float:
+    """The sync check on a probe (mean |diff| against `atol`, raises WeightSyncError); returns the
+    max |diff| for the report."""
+    from rift_megatron.rollout.weight_sync import check_mismatch, probe_mismatch
+
+    mismatch = probe_mismatch(engine, trainer_logprobs, probe)
+    check_mismatch(mismatch, atol, "probe")
+    return mismatch.max
+
+
 def _checked(check_engine_matches, engine, trainer_logprobs, probe, atol: float) -> float | None:
     """The check's max |diff|, or None when it raised WeightSyncError (the test reports which)."""
     from rift_megatron.rollout.weight_sync import WeightSyncError
@@ -185,7 +195,7 @@ def sync_checks(engine, state, arch, prompts: list[list[int]], long_prompt: list
     from rift_megatron.loss import LossSettings
     from rift_megatron.rollout.batching import Sample, build_train_batch
     from rift_megatron.rollout.engine import SamplingConfig
-    from rift_megatron.rollout.weight_sync import WeightSyncError, check_engine_matches, hf_weights, push_weights
+    from rift_megatron.rollout.weight_sync import WeightSyncError, hf_weights, push_weights
     from rift_megatron.training.forward import sequence_logprobs
     from rift_megatron.training.step import train_step
 
@@ -312,6 +322,9 @@ def main() -> None:
                     model=spec["hf_dir"], dtype="float32", max_model_len=spec["max_model_len"], seed=spec["seed"],
                 ))
                 report["timings"]["engine_start"] = time.perf_counter() - t
+                placements = [None] * world
+                dist.all_gather_object(placements, {**engine.placement(), "LOCAL_RANK": os.environ.get("LOCAL_RANK")})
+                report["placements"] = placements
                 if spec.get("engine_checks"):
                     t = time.perf_counter()
                     report["engine_checks"] = engine_checks(engine, prompts, spec)

@@ -32,8 +32,12 @@ STEPS = 3
 WEIGHT_ATOL = 0.05 * LR
 PER_SIGN = {"normalization": "per_sign"}
 
+# Sequence parallelism (SequenceParallelRMSNorm on the local spec): a 24-token batch, and a 23-token
+# one that the trainer pads to the TP multiple (its baseline is TP1 on the same 23 tokens).
+ODD = {"seq_len": 23}
 SINGLE = [
     {"name": "tp1", "tp": 1, "pp": 1},
+    {"name": "tp1_odd", "tp": 1, "pp": 1, **ODD},
     {"name": "tp1_mb1", "tp": 1, "pp": 1, "micro_batch_size": 1},
     {"name": "tp1_mb4", "tp": 1, "pp": 1, "micro_batch_size": 4},
     {"name": "tp1_per_sign", "tp": 1, "pp": 1, "loss": PER_SIGN},
@@ -45,6 +49,8 @@ DOUBLE = [
     {"name": "dp2", "tp": 1, "pp": 1},
     {"name": "dp2_plain_optimizer", "tp": 1, "pp": 1, "distributed_optimizer": False},
     {"name": "dp2_per_sign", "tp": 1, "pp": 1, "loss": PER_SIGN},
+    {"name": "tp2_sp", "tp": 2, "pp": 1, "sp": True},
+    {"name": "tp2_sp_odd", "tp": 2, "pp": 1, "sp": True, **ODD},
 ]
 QUAD = [
     {"name": "tp2pp2", "tp": 2, "pp": 2},
@@ -52,8 +58,13 @@ QUAD = [
     {"name": "pp2vpp2dp2", "tp": 1, "pp": 2, "vpp": 2},
     {"name": "pp4", "tp": 1, "pp": 4},
     {"name": "tp2pp2_per_sign", "tp": 2, "pp": 2, "loss": PER_SIGN},
+    {"name": "tp2pp2_sp", "tp": 2, "pp": 2, "sp": True},
 ]
-BASELINE_OF = {run["name"]: ("tp1_per_sign" if "per_sign" in run["name"] else "tp1") for run in SINGLE + DOUBLE + QUAD}
+BASELINES = ("tp1", "tp1_per_sign", "tp1_odd")
+BASELINE_OF = {
+    run["name"]: "tp1_per_sign" if "per_sign" in run["name"] else "tp1_odd" if "odd" in run["name"] else "tp1"
+    for run in SINGLE + DOUBLE + QUAD
+}
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +74,21 @@ def results(tmp_path_factory) -> dict:
     run_torchrun(WORKER, 1, {**common, "write_init": True, "runs": SINGLE}, work)
     run_torchrun(WORKER, 2, {**common, "runs": DOUBLE}, work)
     run_torchrun(WORKER, 4, {**common, "runs": QUAD}, work)
-    compared = [name for name in BASELINE_OF if name not in ("tp1", "tp1_per_sign")]
-    for baseline in ("tp1", "tp1_per_sign"):
+    compared = [name for name in BASELINE_OF if name not in BASELINES]
+    for baseline in BASELINES:
         names = [name for name in compared if BASELINE_OF[name] == baseline]
         run_torchrun(WORKER, 1, {**common, "baseline": baseline, "compare": names}, work)
         (work / f"compare-{baseline}.json").write_text((work / "compare.json").read_text())
     histories = {name: json.loads((work / f"{name}.json").read_text()) for name in BASELINE_OF}
     diffs = {}
-    for baseline in ("tp1", "tp1_per_sign"):
+    for baseline in BASELINES:
         diffs.update(json.loads((work / f"compare-{baseline}.json").read_text()))
     return {"histories": histories, "diffs": diffs}
 
 
 def test_data_parallel_sizes_are_what_the_layout_leaves(results):
     dp = {name: h["dp"] for name, h in results["histories"].items()}
-    assert dp["tp1"] == 1 and dp["tp2"] == 1 and dp["dp2"] == 2 and dp["tp2pp2"] == 1
+    assert dp["tp1"] == 1 and dp["tp2"] == 1 and dp["dp2"] == 2 and dp["tp2pp2"] == 1 and dp["tp2_sp"] == 1
     assert dp["tp2dp2"] == 2 and dp["pp2vpp2dp2"] == 2
 
 
@@ -88,7 +99,7 @@ def test_training_moves_the_weights_well_above_the_tolerance(results):
     assert history[-1]["loss"] < history[0]["loss"]
 
 
-@pytest.mark.parametrize("name", [name for name in BASELINE_OF if name not in ("tp1", "tp1_per_sign")])
+@pytest.mark.parametrize("name", [name for name in BASELINE_OF if name not in BASELINES])
 def test_layout_matches_tp1_loss_and_weights(results, name):
     baseline = results["histories"][BASELINE_OF[name]]["history"]
     history = results["histories"][name]["history"]

@@ -22,11 +22,11 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from tests.distributed.launch import read_metrics, train_command
 from tests.rollout_fixtures import REPO_ROOT, arithmetic_prompts, shared_tiny_model, subprocess_env, write_jsonl
 
 pytestmark = pytest.mark.distributed
@@ -54,16 +54,14 @@ def _command(model, prompts, run_dir, checkpoints, nproc: int = 1, interval: int
     ]
     if resume is not None:
         overrides += ["--resume", resume]
-    launcher = (["-m", "rift_megatron.cli", "train"] if nproc == 1 else
-                ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "rift_megatron.train"])
-    return [sys.executable, *launcher, *overrides]
+    return train_command(overrides, nproc)
 
 
 def _train(model, prompts, run_dir, checkpoints, **options) -> list[dict]:
     result = subprocess.run(_command(model, prompts, run_dir, checkpoints, **options), env=subprocess_env(),
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics(run_dir)
 
 
 def _kill_during_checkpoint_write(model, prompts, run_dir, checkpoints, step: int) -> None:

@@ -77,6 +77,16 @@ def _far_off(value) -> bool:
     return value is not None and value > FAULT_MIN
 
 
+@pytest.mark.parametrize("runner", [single_process_report, two_process_report], ids=["1-process", "2-process"])
+def test_every_ranks_engine_worker_sits_on_its_own_local_device(tmp_path_factory, runner):
+    """Under torchrun the engine is built with vLLM's external launcher, whose worker takes
+    LOCAL_RANK as its device index (`uni` would put every rank's engine on device 0)."""
+    placements = runner(tmp_path_factory)["placements"]
+    assert [p["rank"] for p in placements] == list(range(len(placements)))
+    assert all(p["local_rank"] == int(p["LOCAL_RANK"]) for p in placements), placements
+    assert sorted(p["local_rank"] for p in placements) == list(range(len(placements)))
+
+
 def test_every_rank_engine_samples_the_same_tokens(layout):
     """Same seeds and (pushed) weights on every rank's engine -> identical samples, and every
     behaviour log-prob list is as long as its response."""

@@ -32,18 +32,15 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
+from tests.distributed.launch import run_train
 from tests.rollout_fixtures import (
     FAULT_MIN,
     LOGPROB_ATOL,
-    REPO_ROOT,
     arithmetic_prompts,
     shared_tiny_model,
-    subprocess_env,
     write_jsonl,
 )
 
@@ -100,13 +97,8 @@ def _train(work, layout: str, settings: dict, name: str | None = None) -> dict:
     run_dir, checkpoints = work / name, work / f"{name}_checkpoints"
     settings = {**settings, **BATCH, "parallel.tensor": tensor, "parallel.pipeline": pipeline,
                 "checkpoint.dir": checkpoints, "logging.dir": run_dir, "logging.tensorboard": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tensor * pipeline}",
-               "-m", "rift_megatron.train", *(f"{key}={value}" for key, value in settings.items())]
-    done = subprocess.run(command, env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{layout}: {done.stderr[-6000:]}"
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {"metrics": [json.loads(line) for line in lines], "checkpoints": checkpoints,
-            "world_size": tensor * pipeline}
+    metrics = run_train([f"{key}={value}" for key, value in settings.items()], tensor * pipeline, run_dir)
+    return {"metrics": metrics, "checkpoints": checkpoints, "world_size": tensor * pipeline}
 
 
 def _online_settings(model, prompts) -> dict:
@@ -206,8 +198,7 @@ def test_online_training_runs_every_step_with_synced_engines(online, layout):
         # each step trains on samples the engines drew right after the last push: the trainer's
         # log-probs of them agree with the engines' to fp32 round-off
         assert m["logprob_diff_max"] < LOGPROB_ATOL, m
-    synced = [m for m in online[layout]["metrics"] if "sync_probe_max_abs_diff" in m]
-    assert synced and all(m["sync_probe_max_abs_diff"] < LOGPROB_ATOL for m in synced)
+        assert "sync_buckets" in m and m["response_tokens"] > 0, m  # the push this step checked
 
 
 def test_online_samples_and_losses_match_between_tp1_and_tp2pp2(online):
@@ -230,5 +221,4 @@ def test_online_run_from_a_megatron_checkpoint_alone_trains_exactly_like_from_th
     from_hf, from_mcore = _steps(online["tp1"]), _steps(online["tp1_from_mcore"])
     keys = (*LOSS_KEYS, "generation_tokens", "reward_mean", "accuracy", "logprob_diff_max")
     assert [{k: m[k] for k in keys} for m in from_mcore] == [{k: m[k] for k in keys} for m in from_hf]
-    synced = [m for m in online["tp1_from_mcore"]["metrics"] if "sync_probe_max_abs_diff" in m]
-    assert synced and all(m["sync_probe_max_abs_diff"] < LOGPROB_ATOL for m in synced)
+    assert all("sync_buckets" in m for m in from_mcore)

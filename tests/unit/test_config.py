@@ -554,9 +554,22 @@ def test_engine_context_length_and_sync_tolerance(runtime_cfg):
     with pytest.raises(ConfigError, match="rollout.max_model_len is null"):
         to_engine_config(runtime_cfg)
     assert sync_check_tolerance(runtime_cfg) == 0.1  # bf16 default
-    assert sync_check_tolerance(RiftConfig()) == 1e-3  # fp32 default
+    assert sync_check_tolerance(RiftConfig()) == 2e-4  # fp32 trainer and (auto) fp32 engine
+    # a coarser engine than the trainer: the bf16 tolerance
+    assert sync_check_tolerance(load_config(None, ["rollout.engine_dtype=bfloat16"])) == 0.1
     assert sync_check_tolerance(load_config(None, ["rollout.sync_check_atol=0.02"])) == 0.02
     assert sync_check_tolerance(load_config(None, ["rollout.sync_check=false"])) is None
+
+
+def test_engine_dtype_auto_is_the_trainers():
+    """vLLM's own 'auto' follows the checkpoint (bf16 weights under an fp32 trainer: behaviour
+    log-probs ~0.04 off); ours follows model.dtype."""
+    from rift_megatron.config.runtime import engine_dtype
+
+    assert engine_dtype(RiftConfig()) == "float32"
+    assert engine_dtype(load_config(None, ["model.dtype=bf16"])) == "bfloat16"
+    assert engine_dtype(load_config(None, ["model.dtype=fp16"])) == "float16"
+    assert engine_dtype(load_config(None, ["model.dtype=bf16", "rollout.engine_dtype=float32"])) == "float32"
 
 
 @pytest.mark.parametrize(

@@ -582,10 +582,11 @@ def test_reduce_loss_reports_handles_no_tokens_and_no_negatives():
     _, num_tokens, report = make_loss_func(batch, LossSettings(), vocab_size=batch_vocab(logits))(logits)
     metrics = reduce_loss_reports([report, report])
     assert int(num_tokens) == 0
-    diff_keys = {"logprob_diff_mean", "logprob_diff_max"}
+    diff_keys = {"logprob_diff_mean", "logprob_diff_max", "token_mult_prob_error", "response_tokens"}
     assert {k: v for k, v in metrics.items() if k not in diff_keys} == {k: 0.0 for k in metrics if k not in diff_keys}
     assert set(metrics) == {"loss", "loss_pos", "loss_neg", "frac_neg_tokens", "ratio_mean_neg", "ratio_max_neg",
                             "tokens", "logprob_mean_pos", "logprob_mean_neg"} | diff_keys
+    assert metrics["response_tokens"] > 0  # the mismatch covers zero-reward samples too
 
 
 def test_logprob_mismatch_metric_covers_every_response_token():
@@ -601,6 +602,8 @@ def test_logprob_mismatch_metric_covers_every_response_token():
     assert mask.any()
     assert metrics["logprob_diff_mean"] == pytest.approx(float(diff.mean()), rel=1e-5)
     assert metrics["logprob_diff_max"] == pytest.approx(float(diff.max()), rel=1e-5)
+    assert metrics["token_mult_prob_error"] == pytest.approx(float(diff.exp().mean()), rel=1e-5)
+    assert metrics["response_tokens"] == int(mask.sum())
 
 
 def test_rift_training_raises_positive_logprobs_and_lowers_negative_ones():
