@@ -30,6 +30,7 @@ from rift_megatron.convert.errors import ConversionError
 from rift_megatron.convert.layout import StoredChunk, sharded_model_state, stored_layout
 from rift_megatron.convert.mapping import IGNORED_HF_SUFFIXES, ParamMapping, expand, megatron_rows
 from rift_megatron.convert.megatron_world import tp1_megatron_world
+from rift_megatron.convert.processes import run_in_processes, split_by_size
 from rift_megatron.convert.safetensors_io import DTYPES, HFCheckpointReader
 from rift_megatron.models.hf_config import ModelArchitecture
 from rift_megatron.staging import check_writable, staged_directory
@@ -170,15 +171,9 @@ def _row_blocks(chunk: StoredChunk, row_axis: int, splittable: bool, dtype: torc
 
 
 def _assign_to_ranks(mappings: tuple[ParamMapping, ...], source: SourceModel, world: int) -> list[list[ParamMapping]]:
-    """Largest-first greedy split of the parameters by bytes, so ranks finish together."""
-    sizes = {m.megatron: sum(source.reader.info(name).nbytes for name in m.hf) for m in mappings}
-    shares: list[list[ParamMapping]] = [[] for _ in range(world)]
-    loads = [0] * world
-    for mapping in sorted(mappings, key=lambda m: -sizes[m.megatron]):
-        rank = loads.index(min(loads))
-        shares[rank].append(mapping)
-        loads[rank] += sizes[mapping.megatron]
-    return shares
+    """The parameters each writer rank converts, balanced by bytes."""
+    sizes = [sum(source.reader.info(name).nbytes for name in m.hf) for m in mappings]
+    return split_by_size(mappings, sizes, world)
 
 
 def _write_rank_share(source: SourceModel, staging: Path, dtype: torch.dtype) -> dict[str, str]:
@@ -236,38 +231,25 @@ def _manifest(source: SourceModel, dtype: torch.dtype, checksums: dict[str, str]
     }
 
 
-def _spawned_rank(rank: int, world: int, port: int, hf_dir: str, staging: str, dtype: torch.dtype, results) -> None:
+def _spawned_rank(rank: int, world: int, port: int, hf_dir: str, staging: str, dtype: torch.dtype) -> dict[str, str]:
+    """One writer of an `nproc > 1` conversion: rank `rank` of a gloo group of `world` processes."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        source = inspect_source(hf_dir)
-        with tp1_megatron_world():
-            results.put(("checksums", _write_rank_share(source, Path(staging), dtype)))
-    except ConversionError as error:  # every rank sees it (DCP gathers failures): report once
-        results.put(("error", str(error)))
+    source = inspect_source(hf_dir)
+    with tp1_megatron_world():
+        # A ConversionError found mid-write reaches every rank (DCP gathers failures), so all
+        # ranks report the same line and the parent shows it once.
+        return _write_rank_share(source, Path(staging), dtype)
 
 
 def _write_with_processes(source: SourceModel, staging: Path, dtype: torch.dtype, nproc: int) -> dict[str, str]:
-    import torch.multiprocessing as mp
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    try:
-        mp.start_processes(_spawned_rank, args=(nproc, port, str(source.hf_dir), str(staging), dtype, results),
-                           nprocs=nproc, start_method="spawn")
-    except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
-        last_line = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
-        raise ConversionError(f"a conversion process failed: {last_line}") from None
+    jobs = [(rank, nproc, port, str(source.hf_dir), str(staging), dtype) for rank in range(nproc)]
     checksums: dict[str, str] = {}
-    while not results.empty():
-        kind, payload = results.get()
-        if kind == "error":
-            raise ConversionError(payload)
-        checksums.update(payload)
+    for share in run_in_processes(_spawned_rank, jobs):
+        checksums.update(share)
     return checksums
 
 

@@ -3,16 +3,20 @@
 Works for converted checkpoints and for training checkpoints saved at any TP/PP (the stored
 tensors are global; Megatron's loader reassembles them). Streaming: parameters are loaded one
 layer at a time, split into HF tensors and written straight into pre-planned safetensors shards,
-so a process holds about one layer, never a shard or the model.
+so a process holds about one layer, never a shard or the model. With `nproc > 1` the planned
+shard files are split by bytes over that many processes, each streaming only its files' tensors;
+the output is byte for byte the one a single process writes.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Set
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from rift_megatron.convert.checkpoint_files import (
     copy_hf_assets,
@@ -22,12 +26,14 @@ from rift_megatron.convert.checkpoint_files import (
 )
 from rift_megatron.convert.errors import ConversionError
 from rift_megatron.convert.hf_to_mcore import TARGET_DTYPES, cast_checked
+from rift_megatron.convert.processes import run_in_processes, split_by_size
 from rift_megatron.convert.dcp_reader import Region, read_metadata, read_regions
 from rift_megatron.convert.layout import param_region, sharded_model_state, stored_layout
 from rift_megatron.convert.mapping import ParamMapping, expand, hf_row_blocks
 from rift_megatron.convert.megatron_world import tp1_megatron_world
 from rift_megatron.convert.safetensors_io import (
     StreamingSafetensorsWriter,
+    TensorSpec,
     parse_size,
     plan_shards,
     shard_file_names,
@@ -95,36 +101,63 @@ def _row_blocks(stored_chunks, region: Region, row_axis: int) -> list[tuple[int,
 
 
 def iter_hf_blocks(
-    checkpoint: Path, arch: ModelArchitecture, dtype: torch.dtype | None = None
+    checkpoint: Path, arch: ModelArchitecture, dtype: torch.dtype | None = None, names: Set[str] | None = None
 ) -> Iterator[tuple[str, int, torch.Tensor]]:
     """(HF name, first row, rows) covering the whole model in HF tensor order, each tensor's
     blocks in row order; tensors of non-row-wise mappings come whole (first row 0).
 
     Memory is one stored chunk (or one layer's fused QKV). `dtype=None` keeps the stored dtype
-    (bit-exact round trips). Needs a TP1 Megatron world.
+    (bit-exact round trips). `names`: only these HF tensors; blocks holding none of them are not
+    read (a fused QKV or gate/up split across two processes' shards is read by both, a few MB).
+    Needs a TP1 Megatron world.
     """
     state = sharded_model_state(arch)
     chunks, _ = stored_layout(state)
     metadata = read_metadata(checkpoint).state_dict_metadata
     stored = _stored_dtypes(checkpoint, chunks)
     for mapping in (m for group in export_groups(arch) for m in group):
+        if names is not None and names.isdisjoint(mapping.hf):
+            continue
         param_shape = tuple(state[mapping.megatron].data.shape)
         region = param_region(chunks[mapping.megatron])
         row_axis = len(region.sizes) - len(param_shape)
         row_wise = len(param_shape) > 1 and mapping.row_pieces(arch, 0, 1) is not None
         blocks = _row_blocks(metadata[region.key].chunks, region, row_axis) if row_wise else [(0, param_shape[0])]
         for start, stop in blocks:
+            if names is not None and row_wise and all(
+                mapping.hf[piece.hf_index] not in names for piece in mapping.row_pieces(arch, start, stop)
+            ):
+                continue
             offsets = list(region.offsets)
             sizes = list(region.sizes)
             offsets[row_axis] += start
             sizes[row_axis] = stop - start
-            (block,) = read_regions(checkpoint, [Region(region.key, tuple(offsets), tuple(sizes))], [stored[mapping.megatron]])
+            block = _read_block(checkpoint, Region(region.key, tuple(offsets), tuple(sizes)), stored[mapping.megatron])
             block = block.reshape(stop - start, *param_shape[1:])
             pieces = hf_row_blocks(mapping, arch, block, start) if row_wise else None
             if pieces is None:
                 pieces = [(name, 0, tensor) for name, tensor in zip(mapping.hf, mapping.to_hf(block, arch))]
             for name, first_row, tensor in pieces:
-                yield name, first_row, tensor if dtype is None else cast_checked(tensor, dtype, name)
+                if names is None or name in names:
+                    yield name, first_row, tensor if dtype is None else cast_checked(tensor, dtype, name)
+
+
+def _read_block(checkpoint: Path, region: Region, dtype: torch.dtype) -> torch.Tensor:
+    """One region, with a failed read (a missing or cut .distcp file) reported as one line
+    naming the checkpoint files that hold the tensor (DCP's own error names neither)."""
+    try:
+        (block,) = read_regions(checkpoint, [region], [dtype])
+    except CheckpointException as error:
+        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+        cause = causes[0] if causes else error
+        files = sorted({info.relative_path for index, info in read_metadata(checkpoint).storage_data.items()
+                        if index.fqn == region.key})
+        missing = [name for name in files if not (checkpoint / name).is_file()]
+        reason = f"{', '.join(missing)} does not exist" if missing else (
+            f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}")
+        raise ConversionError(f"{checkpoint}: cannot read stored tensor {region.key!r} "
+                              f"(from {', '.join(files)}): {reason}") from None
+    return block
 
 
 def _hf_specs(arch: ModelArchitecture, dtypes: dict[str, torch.dtype], dtype: torch.dtype | None):
@@ -136,9 +169,9 @@ def _hf_specs(arch: ModelArchitecture, dtypes: dict[str, torch.dtype], dtype: to
     return specs
 
 
-def _write_shards(staging: Path, shards: dict[str, list], weight_map: dict[str, str], blocks) -> int:
-    """Stream blocks into their pre-planned shard files (in order); returns the bytes written."""
-    writer, total = None, 0
+def _write_shards(staging: Path, shards: dict[str, list[TensorSpec]], weight_map: dict[str, str], blocks) -> None:
+    """Stream blocks into their pre-planned shard files (in order)."""
+    writer = None
     try:
         for name, first_row, rows in blocks:
             file_name = weight_map[name]
@@ -147,14 +180,39 @@ def _write_shards(staging: Path, shards: dict[str, list], weight_map: dict[str, 
                     writer.close()
                 writer = StreamingSafetensorsWriter(staging / file_name, shards[file_name], metadata={"format": "pt"})
             writer.write_rows(name, first_row, rows)
-            total += rows.numel() * rows.element_size()
         if writer is not None:
             writer.close()
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
-    return total
+    unwritten = [file_name for file_name in shards if not (staging / file_name).is_file()]
+    if unwritten:  # every planned tensor is yielded by iter_hf_blocks; anything else is a bug here
+        raise RuntimeError(f"internal: no tensor was written to {unwritten[0]}")
+
+
+def export_shard_files(checkpoint: str, dtype: torch.dtype | None, staging: str, shards: dict[str, list[TensorSpec]]) -> None:
+    """Write the planned shard files `shards` (file name -> its tensors, in file order) into
+    `staging`, reading only the checkpoint regions their tensors come from.
+
+    One call writes a whole export (nproc 1) or one process's share of it; module-level with
+    plain arguments so that `run_in_processes` can spawn it.
+    """
+    checkpoint_dir = Path(checkpoint)
+    arch = load_architecture(find_hf_assets(checkpoint_dir))
+    weight_map = {name: file_name for file_name, specs in shards.items() for name, _, _ in specs}
+    with tp1_megatron_world():
+        blocks = iter_hf_blocks(checkpoint_dir, arch, dtype, names=frozenset(weight_map))
+        _write_shards(Path(staging), shards, weight_map, blocks)
+
+
+def _split_shard_files(shards: dict[str, list[TensorSpec]], nproc: int) -> list[dict[str, list[TensorSpec]]]:
+    """Whole shard files per process, balanced by bytes, each process's files in file order (the
+    order iter_hf_blocks yields their tensors in)."""
+    files = list(shards)
+    sizes = [sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in shards[name]) for name in files]
+    parts = split_by_size(files, sizes, min(nproc, len(files)))
+    return [{name: shards[name] for name in sorted(part, key=files.index)} for part in parts]
 
 
 def _export_config(assets: Path, out_dir: Path, dtype: torch.dtype) -> None:
@@ -174,10 +232,19 @@ def convert_mcore_to_hf(
     *,
     dtype: str | None = None,
     max_shard_size: str = "5GB",
+    nproc: int = 1,
     overwrite: bool = False,
 ) -> Path:
-    """Export a Megatron checkpoint as an HF folder that transformers and vLLM load unedited."""
+    """Export a Megatron checkpoint as an HF folder that transformers and vLLM load unedited.
+
+    `nproc > 1` writes the shard files in that many processes (at most one per file); the
+    parent plans the shards up front and writes the index, config and tokenizer files itself,
+    so the output is identical to one process's. A failure in any process stops the others and
+    leaves no output (everything is written into a staging directory renamed at the end).
+    """
     out_dir = Path(out_dir)
+    if nproc < 1:
+        raise ConversionError(f"--nproc must be >= 1, got {nproc}")
     check_writable(out_dir, overwrite)
     checkpoint = resolve_checkpoint(ckpt_dir)
     assets = find_hf_assets(checkpoint)
@@ -191,10 +258,15 @@ def convert_mcore_to_hf(
         raise ConversionError(f"--max-shard-size: {error}") from None
     with tp1_megatron_world(), staged_directory(out_dir, overwrite) as staging:
         stored = _stored_dtypes(checkpoint, stored_layout(sharded_model_state(arch))[0])
-        shards = plan_shards(_hf_specs(arch, stored, target), shard_bytes)
-        names = shard_file_names(len(shards))
-        weight_map = {name: file_name for file_name, shard in zip(names, shards) for name, _, _ in shard}
-        total = _write_shards(staging, dict(zip(names, shards)), weight_map, iter_hf_blocks(checkpoint, arch, target))
+        planned = plan_shards(_hf_specs(arch, stored, target), shard_bytes)
+        shards = dict(zip(shard_file_names(len(planned)), planned))
+        shares = _split_shard_files(shards, nproc)
+        if len(shares) == 1:
+            export_shard_files(str(checkpoint), target, str(staging), shares[0])
+        else:
+            run_in_processes(export_shard_files, [(str(checkpoint), target, str(staging), share) for share in shares])
+        weight_map = {name: file_name for file_name, specs in shards.items() for name, _, _ in specs}
+        total = sum(math.prod(shape) * spec_dtype.itemsize for specs in planned for _, shape, spec_dtype in specs)
         write_index(staging, weight_map, total)
         copy_hf_assets(assets, staging)
         export_dtype = target or next(iter(stored.values()))

@@ -1,5 +1,6 @@
 """Converted checkpoints in the real Megatron model at TP1, TP2, PP2 and TP2xPP2 (gloo processes),
-training checkpoints saved at TP2xPP2 vs TP1 exported back to HF, and `rift convert verify`.
+training checkpoints saved at TP2xPP2 vs TP1 exported back to HF, and `rift convert verify`
+(also `--layers N`, the logits check on the first N layers that lets it run on a 70B model).
 
 One torchrun launch (4 processes, tests/distributed/convert_worker.py) does all Megatron work for
 the three model families of tests/unit/test_convert.py (Llama + llama3 rope, Qwen2 + qkv bias +
@@ -20,12 +21,17 @@ Tolerances:
   a different order and Adam's first step, lr * g / (|g| + eps), amplifies ulp noise of tiny
   gradients; measured 1.7-2.1e-6 at lr 1e-4, i.e. ~2% of lr), while every tensor moved by about
   lr (asserted >= lr / 2) so the comparison is not vacuous. Losses agree to 1e-5 relative.
+* `verify --layers 2` on a 4-layer Llama: a checkpoint with two query heads of one layer swapped
+  (a realistic mapping error) moves the 2-layer logits by 0.02-0.03 (measured for layers 0 and
+  1), 20-30x verify's default tolerance of 1e-3, so the logits part must fail for layers 0 and 1;
+  for layer 3 (not compared) the logits must stay within LOGITS_ATOL while the tensor part fails.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +42,7 @@ import torch
 from rift_megatron.convert.checkpoint_files import HF_ASSETS
 from rift_megatron.convert.hf_to_mcore import convert_hf_to_mcore
 from rift_megatron.convert.mcore_to_hf import convert_mcore_to_hf
-from rift_megatron.convert.verify import _fixed_tokens, transformers_logits
+from rift_megatron.convert.verify import DEFAULT_ATOL, _fixed_tokens, transformers_logits
 from tests.distributed import convert_worker
 from tests.distributed.launch import REPO_ROOT, run_torchrun
 from tests.unit.test_convert import (
@@ -46,6 +52,7 @@ from tests.unit.test_convert import (
     build_hf_model,
     config_of,
     read_hf_tensors,
+    rewrite_tensors,
 )
 
 pytestmark = pytest.mark.distributed
@@ -209,3 +216,75 @@ def test_verify_fails_against_a_different_model_of_the_same_shape(work):
     assert report["tensors_checked"] == len(read_hf_tensors(other))
     assert {m["name"] for m in report["mismatched"]} >= {"model.embed_tokens.weight", "lm_head.weight"}
     assert report["logits"]["max_abs_diff"] > report["logits"]["atol"]
+
+
+# --------------------------------------------------------------------------------------------
+# verify --layers N
+# --------------------------------------------------------------------------------------------
+
+CORRUPTED_LAYERS = (0, 1, 3)
+
+
+def _swapped_heads(layer: int) -> str:
+    return f"model.layers.{layer}.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def first_layers(tmp_path_factory) -> dict:
+    """A 4-layer Llama, its checkpoint, and checkpoints of copies with query heads 0 and 1 of
+    one layer swapped (each a checkpoint that no longer holds the source model)."""
+    root = tmp_path_factory.mktemp("verify_layers")
+    hf = build_hf_model(root / "llama-hf", "llama")
+    ckpt = {"good": convert_hf_to_mcore(hf, root / "ckpt")}
+    head_dim = FAMILY_CONFIGS["llama"]["hidden_size"] // FAMILY_CONFIGS["llama"]["num_attention_heads"]
+    for layer in CORRUPTED_LAYERS:
+        def swap(tensors, name=_swapped_heads(layer)):
+            weight = tensors[name]
+            weight[: 2 * head_dim] = torch.cat([weight[head_dim : 2 * head_dim], weight[:head_dim]])
+
+        bad = Path(shutil.copytree(hf, root / f"llama-hf-bad{layer}"))
+        rewrite_tensors(bad, swap)
+        ckpt[layer] = convert_hf_to_mcore(bad, root / f"ckpt-bad{layer}")
+    return {"root": root, "hf": hf, "ckpt": ckpt}
+
+
+def test_verify_first_two_layers_passes_at_pp2(first_layers):
+    """`verify --layers 2 --pp 2`: each stage builds one of the two layers and loads it from the
+    4-layer checkpoint; the report says what was compared."""
+    report_path = first_layers["root"] / "layers-pass.json"
+    result = _verify(first_layers["hf"], first_layers["ckpt"]["good"], report_path, "--layers", "2", "--pp", "2")
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-4000:]}"
+    assert result.stdout.strip().splitlines()[-1] == "PASS"
+    assert "logits (first 2 of 4 layers) at TP1 PP2" in result.stdout
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is True and report["layers_compared"] == 2 and report["num_layers"] == 4
+    assert report["tensors_checked"] == report["tensors_exact"] == len(read_hf_tensors(first_layers["hf"]))
+    assert (report["logits"]["tp"], report["logits"]["pp"]) == (1, 2)
+    assert report["logits"]["max_abs_diff"] <= LOGITS_ATOL and report["logits"]["top1_agreement"] == 1.0
+    assert any("first 2 of 4 layers + final norm + LM head" in line for line in report["checked"])
+    assert any("layers 2-3" in line and "bit-exact tensor check only" in line for line in report["checked"])
+
+
+@pytest.mark.parametrize(("layer", "layout"), [(0, ("--tp", "1")), (1, ("--pp", "2"))], ids=["layer0-tp1", "layer1-pp2"])
+def test_verify_first_two_layers_fails_for_a_corrupted_compared_layer(first_layers, layer, layout):
+    """Both parts fail: the tensor check names the tensor, and the logits of the truncated models
+    differ beyond the tolerance (layer 1 at PP2 sits on the second stage)."""
+    report_path = first_layers["root"] / f"layers-fail{layer}.json"
+    result = _verify(first_layers["hf"], first_layers["ckpt"][layer], report_path, "--layers", "2", *layout)
+    assert result.returncode == 1, f"{result.stdout}\n{result.stderr[-4000:]}"
+    assert result.stdout.strip().splitlines()[-1] == "FAIL"
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is False and report["layers_compared"] == 2
+    assert [m["name"] for m in report["mismatched"]] == [_swapped_heads(layer)]
+    assert report["logits"]["max_abs_diff"] > DEFAULT_ATOL, report["logits"]
+
+
+def test_verify_first_two_layers_leaves_later_layers_to_the_tensor_check(first_layers):
+    """Layer 3 is not in the 2-layer logits (they match), but the bit-exact check still covers
+    it, so verify fails: what --layers skips in the forward pass is still compared."""
+    report_path = first_layers["root"] / "layers-fail3.json"
+    result = _verify(first_layers["hf"], first_layers["ckpt"][3], report_path, "--layers", "2")
+    assert result.returncode == 1, f"{result.stdout}\n{result.stderr[-4000:]}"
+    report = json.loads(report_path.read_text())
+    assert [m["name"] for m in report["mismatched"]] == [_swapped_heads(3)]
+    assert report["logits"]["max_abs_diff"] <= LOGITS_ATOL and report["logits"]["top1_agreement"] == 1.0
