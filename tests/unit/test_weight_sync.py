@@ -152,3 +152,23 @@ def test_a_failing_check_stops_the_step_before_the_weights_move(tiny_state):
     metrics = train_step(tiny_state, mixed_reward_batch(), LossSettings(), micro_batch_size=4, check=lambda m: None)
     assert metrics["step"] == 1
     assert any(not torch.equal(before[n], p) for n, p in tiny_state.unwrapped_chunks()[0].named_parameters())
+
+
+@pytest.mark.parametrize("layout,length", [(ParallelLayout(), 23), (ParallelLayout(tensor=2, sequence_parallel=True), 24)])
+def test_a_batch_enters_the_trainer_on_the_platforms_device(monkeypatch, layout, length):
+    """One place decides the device: prepare_batch pads for SP and moves every tensor there (the
+    meta device stands in for a GPU: a CPU tensor left behind would show here)."""
+    from types import SimpleNamespace
+
+    from rift_megatron.platform import Platform
+    from rift_megatron.training import step as step_module
+
+    class Elsewhere(Platform):
+        def device(self):
+            return torch.device("meta")
+
+    monkeypatch.setattr(step_module, "current_platform", lambda: Elsewhere(kind="cpu", backend="gloo"))
+    state = SimpleNamespace(provider=SimpleNamespace(layout=layout))
+    batch = step_module.prepare_batch(mixed_reward_batch(seq_len=23), state)
+    assert all(t.device.type == "meta" for t in batch.values()), {k: t.device for k, t in batch.items()}
+    assert batch["tokens"].shape[1] == length and batch["rewards"].shape == (8,)
