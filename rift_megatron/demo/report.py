@@ -25,6 +25,27 @@ def _std(values):
     return statistics.stdev(values) if len(values) > 1 else None  # no spread from one seed
 
 
+def standard_error(accuracies: list[float], problems: int) -> float | None:
+    """Binomial standard error of the mean of `accuracies`, each measured on the same `problems`
+    held-out prompts: what evaluating on a finite set alone leaves uncertain (the spread over
+    seeds is reported separately)."""
+    values = [a for a in accuracies if a is not None]
+    if not values or problems <= 0:
+        return None
+    return (sum(a * (1 - a) for a in values) / problems) ** 0.5 / len(values)
+
+
+def gain(accuracies: list[float], baseline: float, problems: int) -> dict:
+    """Mean held-out gain over the warm-up and how many standard errors it is (the evaluation
+    noise of the baseline and of the runs combined)."""
+    mean = _mean(accuracies)
+    if mean is None:
+        return {"gain_over_baseline": None, "gain_standard_error": None, "gain_in_standard_errors": None}
+    error = (standard_error([baseline], problems) ** 2 + standard_error(accuracies, problems) ** 2) ** 0.5
+    return {"gain_over_baseline": mean - baseline, "gain_standard_error": error,
+            "gain_in_standard_errors": (mean - baseline) / error if error else None}
+
+
 def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
     """Held-out accuracy per eval step, mean over the seeds that have that step."""
     by_step: dict[int, list[float]] = {}
@@ -47,6 +68,8 @@ def build_results(settings, quick: bool, base_acc: float, sft: dict, runs: list[
         algorithms[name] = {
             "heldout_accuracy": _mean(finals),
             "heldout_accuracy_std": _std(finals),
+            "heldout_standard_error": standard_error(finals, settings.n_heldout),
+            **gain(finals, base_acc, settings.n_heldout),
             "heldout_accuracy_per_seed": finals,
             "heldout_accuracy_min": min(finals) if finals else None,
             "heldout_accuracy_max": max(finals) if finals else None,
@@ -63,6 +86,7 @@ def build_results(settings, quick: bool, base_acc: float, sft: dict, runs: list[
         }
     results = {
         "baseline_accuracy": base_acc,
+        "baseline_standard_error": standard_error([base_acc], settings.n_heldout),
         "algorithms": algorithms,
         "claims": claims(base_acc, algorithms),
         "warmup": {"steps": sft["steps"], "validation_accuracy": sft["validation_accuracy"],
@@ -108,7 +132,7 @@ def claims(baseline: float, algorithms: dict) -> dict:
         stability += "Claim (1) NOT shown here: rift itself ended below the baseline in some run."
     # Seeds are paired: the same seed gives every algorithm the same prompts and sampling seeds, so
     # the per-seed differences carry the comparison. A difference counts as shown when their mean
-    # is more than two standard errors from 0 (and more than the ~0.03 noise of 200 problems).
+    # is more than two standard errors from 0 (and more than the ~0.03 evaluation noise).
     per_seed = [a - b for a, b in zip(rift["heldout_accuracy_per_seed"], rft["heldout_accuracy_per_seed"])
                 if a is not None and b is not None]
     mean_diff = _mean(per_seed)
@@ -141,18 +165,22 @@ def markdown(results: dict) -> str:
         f"Task: 2-digit {_OPERATIONS[s['ops']]}, answer in `\\boxed{{}}`; {s['n_heldout']} held-out problems, "
         f"greedy pass@1 (`rift eval`'s code). Warm-up (SFT, {results['warmup']['steps']} steps, "
         f"validation {_fmt(results['warmup']['validation_accuracy'])}) baseline: "
-        f"**{results['baseline_accuracy']:.3f}**.",
+        f"**{results['baseline_accuracy']:.3f}** (standard error {_fmt(results['baseline_standard_error'])}). "
+        "Results vary by machine (BLAS / oneDNN kernels move where the warm-up's learning transition falls).",
         f"Online: {s['iterations']} iterations x {s['prompts_per_step']} prompts x {s['k']} samples, "
         f"{s['online_steps']} steps of {s['global_batch_size']}, lr {s['lr']}, r_pos {s['r_pos']}, "
         f"r_neg {s['r_neg']}, normalization {s['normalization']}, ratio_cap {s['ratio_cap']}; seeds {s['seeds']}.",
         "",
-        "| algorithm | held-out accuracy (mean +- std) | per seed | final loss (mean) | min loss | collapsed runs |",
-        "|---|---|---|---|---|---|",
+        "| algorithm | held-out accuracy (mean +- std over seeds) | per seed | gain over warm-up (standard errors) "
+        "| final loss (mean) | min loss | collapsed runs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, a in results["algorithms"].items():
         per_seed = ", ".join(_fmt(x) for x in a["heldout_accuracy_per_seed"])
+        gained = f"{_fmt(a['gain_over_baseline'])} ({_fmt(a['gain_in_standard_errors'], 1)})"
         lines.append(f"| {name} | {_fmt(a['heldout_accuracy'])} +- {_fmt(a['heldout_accuracy_std'])} | {per_seed} | "
-                     f"{_fmt(a['final_loss'], 4)} | {_fmt(a['min_loss'], 4)} | {a['collapsed_runs']}/{len(a['seeds'])} |")
+                     f"{gained} | {_fmt(a['final_loss'], 4)} | {_fmt(a['min_loss'], 4)} | "
+                     f"{a['collapsed_runs']}/{len(a['seeds'])} |")
     lines += ["", "## Claims (as measured here)", "",
               f"1. Stability: {results['claims']['1_stability']}",
               f"2. rift vs rft: {results['claims']['2_rift_vs_rft']}", ""]
