@@ -11,6 +11,7 @@ from rift_megatron.demo import pipeline as demo_pipeline
 from rift_megatron import train as train_entry
 from rift_megatron.rollout import cli as rollout_cli
 from rift_megatron.rollout import eval_cli
+from rift_megatron.rollout.errors import WeightSyncError
 from rift_megatron.staging import OutputExistsError
 
 # Bad input (files, fields, flag values) is reported as one line; ConversionError,
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is reported as one clear line naming the file / field, not a traceback.
         print(f"rift {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except WeightSyncError as error:  # a failed sync check: the run stopped before the weights moved
+        print(f"rift {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from rift_megatron.config import ConfigError
+    from rift_megatron.rollout.errors import WeightSyncError
 
     parser = argparse.ArgumentParser(prog="rift_megatron.train", description=__doc__)
     add_arguments(parser)
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as error:
         print(f"rift train: error: {error}", file=sys.stderr)
         return 2
+    except WeightSyncError as error:  # every rank stops here, before the weights moved
+        print(f"rift train: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

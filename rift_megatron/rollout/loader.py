@@ -25,6 +25,7 @@ from rift_megatron.data.prompts import PromptRecord
 from rift_megatron.data.sampler import PromptSampler
 from rift_megatron.rollout.batching import Sample, build_train_batch
 from rift_megatron.rollout.engine import Generation, RolloutEngine, SamplingConfig
+from rift_megatron.rollout.errors import WeightSyncError
 from rift_megatron.rollout.rewards import RewardResult
 from rift_megatron.rollout.verifier_pool import VerifierPool
 from rift_megatron.training.batch import TrainBatch
@@ -129,8 +130,6 @@ class RolloutDataLoader:
 def _refuse_non_finite(generations: Sequence[Generation]) -> None:
     """A sampled token always has a finite log-prob under the policy that sampled it; NaN or -inf
     means the engine computes garbage (a push that left a layer half-loaded does exactly this)."""
-    from rift_megatron.rollout.weight_sync import WeightSyncError
-
     bad = [(g, t) for g in generations for t, value in enumerate(g.behavior_logprobs) if not math.isfinite(value)]
     if bad:
         g, t = bad[0]

@@ -32,12 +32,9 @@ from rift_megatron.models.hf_config import ModelArchitecture
 from rift_megatron.models.param_names import named_checkpoint_parameters
 from rift_megatron.platform import current_platform
 from rift_megatron.rollout.engine import RolloutEngine
+from rift_megatron.rollout.errors import WeightSyncError
 
 _HF_LAYER = re.compile(r"^model\.layers\.\d+\.")
-
-class WeightSyncError(RuntimeError):
-    """The engine does not hold the weights that were pushed."""
-
 
 @dataclass(frozen=True)
 class SyncStats:
