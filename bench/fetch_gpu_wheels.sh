@@ -5,7 +5,7 @@
 #   bash bench/fetch_gpu_wheels.sh [DEST]      # default DEST: .whl/ in the repository root
 #
 # Exactly what `rift train` (offline) and `rift convert` import, minus the image's packages
-# (/work/.library/device/KINDS.md), found by recording every module those commands load on the
+# (its documented package list), found by recording every module those commands load on the
 # CPU (a sitecustomize hook in all their processes) and mapping modules to distributions:
 #   megatron-core  the trainer and conversion (cp312 wheel: it has a C++ extension)
 #   datasets       rollout buffers are Parquet read/written through `datasets`

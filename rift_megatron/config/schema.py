@@ -107,7 +107,7 @@ class OptimSection:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    """The objective (see RIFT.md) and the reward that feeds it."""
+    """The objective (see docs/objective.md) and the reward that feeds it."""
 
     name: Literal["rift", "rft", "sft", "naive"] = _f(
         "rift",

@@ -127,7 +127,7 @@ def claims(baseline: float, algorithms: dict) -> dict:
                       "not fall below the baseline.")
     elif rift_stable:
         stability += ("Claim (1) NOT shown here: naive did not degrade at these settings either "
-                      "(RIFT.md's toy runs saw naive collapse mainly with r_neg = -1 or larger learning rates).")
+                      "(docs/objective.md's toy runs saw naive collapse mainly with r_neg = -1 or larger learning rates).")
     else:
         stability += "Claim (1) NOT shown here: rift itself ended below the baseline in some run."
     # Seeds are paired: the same seed gives every algorithm the same prompts and sampling seeds, so

@@ -1,4 +1,4 @@
-"""The RIFT family of objectives (see /work/shared/RIFT.md).
+"""The RIFT family of objectives (see docs/objective.md).
 
 - :func:`vocab_parallel_logprobs`: per-token log-probs from vocab-parallel logits, no vocab gather;
 - :func:`rift_token_loss`: the objective on plain ``[batch, seq]`` tensors, as (loss_sum, num_tokens);

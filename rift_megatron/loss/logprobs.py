@@ -5,7 +5,7 @@ Under tensor parallelism Megatron's output layer leaves every rank with a contig
 ``log pi(y_t)`` for the sampled token only, so gathering the full ``[batch, seq, vocab]`` logits
 (tens of GB for a 150k vocabulary at long sequence lengths) would be pure waste. Instead, like
 Megatron's ``vocab_parallel_cross_entropy``, the log-softmax is assembled from two all-reduces
-over the tensor-parallel group of ``O(batch * seq)`` numbers each (RIFT.md property 5):
+over the tensor-parallel group of ``O(batch * seq)`` numbers each (docs/objective.md property 5):
 
 1. the per-token maximum (``MAX``), for numerical stability;
 2. the per-token sum of ``exp(logit - max)`` together with the target logit, which lives on
@@ -166,7 +166,7 @@ def vocab_parallel_logprobs(
     Why not gather the vocabulary: the full logits are ``batch * seq * vocab`` numbers; the
     all-reduces here move ``3 * batch * seq`` numbers and the extra memory is one float32
     logits-sized buffer (the softmax kept for backward, reused in place for the gradient), which
-    is what RIFT.md property 5 requires.
+    is what docs/objective.md property 5 requires.
 
     Raises:
         ValueError: on bad shapes, a ``vocab_size`` larger than the padded vocabulary, or a target

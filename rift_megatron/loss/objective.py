@@ -1,9 +1,9 @@
-"""The RIFT family of objectives on plain per-token log-prob tensors (see /work/shared/RIFT.md).
+"""The RIFT family of objectives on plain per-token log-prob tensors (see docs/objective.md).
 
 Nothing here knows about Megatron or parallelism: the functions take ``[batch, seq]`` log-probs
 and return a SUM and a token COUNT, so any caller (one process, micro-batches, data-parallel
 ranks) can add both up and divide once; the result is then independent of how the global batch
-was split (RIFT.md property 4).
+was split (docs/objective.md property 4).
 
 Per-token terms ``c`` (``l``: current log-prob, ``b``: behaviour log-prob, ``rho = exp(l - b)``,
 ``C``: ``ratio_cap``), summed over masked-in tokens:
@@ -322,7 +322,7 @@ def rift_token_loss(
         ``logprobs``, and ``num_tokens``: 0-dim int64 (``Z``). With no counted token both are 0
         and ``loss_sum`` is still attached to the graph (backward gives zero gradients).
 
-    Numerics (RIFT.md properties 1-3): computed in at least float32. Every ``rift`` term is >= 0
+    Numerics (docs/objective.md properties 1-3): computed in at least float32. Every ``rift`` term is >= 0
     and finite when a negative token's probability underflows (``rho -> 0``); the negative
     term's gradient w.r.t. ``l`` is ``|r| * rho`` (so w.r.t. the logits ``|r| * rho *
     (onehot - softmax)``), which vanishes as the token is suppressed, and at ``rho = 1`` equals

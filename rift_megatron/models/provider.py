@@ -105,7 +105,7 @@ def build_transformer_config(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         use_cpu_initialization=not platform.is_cuda,
-        # RIFT normalises by the token count Z of the whole global batch (RIFT.md): the schedule
+        # RIFT normalises by the token count Z of the whole global batch (docs/objective.md): the schedule
         # sums num_tokens over micro-batches and finalize_model_grads over data-parallel ranks.
         calculate_per_token_loss=True,
         # Kernel fusions need apex / TE kernels; keep them off so both platforms run the same math.

@@ -19,7 +19,7 @@ sleep mode is GPU-only; on CPU `sleep`/`wake_up` log and do nothing.
 Behaviour log-probs are the model's own log-probs of each sampled token at temperature 1
 (vLLM's "raw_logprobs"), i.e. exactly what the trainer recomputes; with temperature != 1 or
 top-p/top-k the sampling distribution differs from them, which the trainer-vs-engine mismatch
-metric and RIFT.md's ratio both assume the user accepts (as verl and TRL do).
+metric and docs/objective.md's ratio both assume the user accepts (as verl and TRL do).
 """
 
 from __future__ import annotations

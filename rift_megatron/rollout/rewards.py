@@ -21,7 +21,7 @@ latex2sympy's number tokens would go through ``sympy.Number(str)`` (``sympify``,
 those two call sites are redirected to an eval-free constructor when math-verify is first loaded
 (:func:`_install_number_parsing_without_eval`).
 
-Defaults r_pos = +1.0, r_neg = -0.2 come from /work/shared/RIFT.md ("Rewards").
+Defaults r_pos = +1.0, r_neg = -0.2 come from docs/objective.md ("Rewards").
 """
 
 from __future__ import annotations

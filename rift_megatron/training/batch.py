@@ -12,7 +12,7 @@ A batch is a dict of tensors with a leading sample dimension:
 Splitting is by samples only: data-parallel ranks take contiguous shards of the global batch and
 each shard is cut into micro-batches. Because the loss is normalised by the token count of the
 whole global batch (computed once, before the schedule runs), the split never changes the loss or
-its gradient (RIFT.md property 4).
+its gradient (docs/objective.md property 4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""TP / PP / VPP / DP layouts train to the same loss and weights as TP1 (RIFT.md property 4).
+"""TP / PP / VPP / DP layouts train to the same loss and weights as TP1 (docs/objective.md property 4).
 
 Every run starts from the same initial weights (a dist_checkpointing checkpoint written at TP1
 and resharded on load), trains three Adam steps with the RIFT loss on the same global batch of

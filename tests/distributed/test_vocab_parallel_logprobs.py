@@ -1,4 +1,4 @@
-"""Vocab-parallel log-probs and the RIFT loss_func over real gloo process groups (RIFT.md
+"""Vocab-parallel log-probs and the RIFT loss_func over real gloo process groups (docs/objective.md
 properties 4 and 5): TP2 (world 2), TP4 and DP2 x TP2 (world 4) against the TP1 computation.
 
 Two launches in total (world 2 and world 4, module-scoped fixtures); workers save their results

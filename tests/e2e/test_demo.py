@@ -63,7 +63,7 @@ def test_results_shape(demo_out: Path) -> None:
         assert 0.0 <= entry["heldout_accuracy"] <= 1.0
         assert len(entry["heldout_accuracy_per_seed"]) >= 1
     assert set(results["claims"]) == {"1_stability", "2_rift_vs_rft"}
-    # RIFT's loss is bounded below by 0 (RIFT.md property 1)
+    # RIFT's loss is bounded below by 0 (docs/objective.md property 1)
     assert results["algorithms"]["rift"]["min_loss"] >= 0.0
 
 

@@ -2,7 +2,7 @@
 
 Written differently from ``rift_megatron.loss`` on purpose: plain Python floats, loops over
 samples and tokens, ``math.exp``, and the gradient dL/dl derived BY HAND (no autograd), straight
-from the table in /work/shared/RIFT.md. It computes the loss of one whole batch (no
+from the table in docs/objective.md. It computes the loss of one whole batch (no
 micro-batch bookkeeping): the package's split/summed results are compared against it.
 """
 

@@ -1,5 +1,5 @@
 """Tests of rift_megatron.loss: values and gradients against an independent float64 reference,
-the properties RIFT.md requires (one test each), and the Megatron loss_func glue.
+the properties docs/objective.md requires (one test each), and the Megatron loss_func glue.
 
 Tolerances: float64 inputs are compared to the reference with rtol=1e-10 / atol=1e-12; float32
 inputs with rtol=1e-5 / atol=1e-6 (against the reference evaluated on the float32-rounded
@@ -176,7 +176,7 @@ def test_low_precision_logprobs_are_promoted_to_float32(dtype):
     torch.testing.assert_close(low.grad.float(), high.grad.to(dtype).float(), rtol=0, atol=0)
 
 
-# --------------------------------------------------------------------------- RIFT.md properties
+# --------------------------------------------------------------------------- docs/objective.md properties
 
 
 def _logprob_inputs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
