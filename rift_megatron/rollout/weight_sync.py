@@ -50,11 +50,12 @@ def _local_params(chunks: list[torch.nn.Module], wanted: set[str]) -> dict[str, 
     return {name: param for name, param in named_checkpoint_parameters(chunks).items() if name in wanted}
 
 
-def _gather_tensor_parallel(param: torch.nn.Parameter, name: str, tp_group) -> torch.Tensor:
-    """The full TP1 tensor of a tensor-parallel parameter (or the parameter itself)."""
+def gather_tensor_parallel(param: torch.nn.Parameter, name: str, tp_group, data: torch.Tensor | None = None) -> torch.Tensor:
+    """The full TP1 tensor of a tensor-parallel parameter (or the parameter itself); `data`: a
+    tensor sharded like `param` to gather instead (e.g. its gradient)."""
     from megatron.core import parallel_state as ps
 
-    data = param.detach()
+    data = param.detach() if data is None else data.detach()
     size = ps.get_tensor_model_parallel_world_size()
     if size == 1 or not getattr(param, "tensor_model_parallel", False):
         return data
@@ -103,7 +104,7 @@ def full_megatron_params(chunks: list[torch.nn.Module], arch: ModelArchitecture)
     my_pp_rank = ps.get_pipeline_model_parallel_rank()
     for name in order:
         owner, shape, dtype = owners[name]
-        full = _gather_tensor_parallel(local[name], name, tp_group) if owner == my_pp_rank else None
+        full = gather_tensor_parallel(local[name], name, tp_group) if owner == my_pp_rank else None
         if pp_size > 1:
             if full is None:
                 full = torch.empty(shape, dtype=dtype, device=current_platform().device())

@@ -59,7 +59,23 @@ def train_run(spec: dict, run: dict, work: Path) -> None:
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     shard = shard_for_data_parallel(mixed_reward_batch(seed=7, seq_len=run.get("seq_len", 24)), dp_rank, dp_size)
     micro_batch_size = run.get("micro_batch_size", 2)
-    history = [train_step(state, shard, settings, micro_batch_size) for _ in range(spec["steps"])]
+    # The first step's gradients, gathered to full TP1 tensors (DDP's main_grad, divided by the
+    # global token count): where the distributed optimizer shards them over DP, no rank holds
+    # them whole, so those runs are compared on losses, grad norms and weights only.
+    capture = dp_size == 1 or not run.get("distributed_optimizer", True)
+    grads: dict[str, torch.Tensor] = {}
+
+    def first_gradients(metrics: dict) -> None:
+        from rift_megatron.models.param_names import named_checkpoint_parameters
+        from rift_megatron.rollout.weight_sync import gather_tensor_parallel
+
+        for name, param in named_checkpoint_parameters(state.unwrapped_chunks()).items():
+            grads[name] = gather_tensor_parallel(param, name, ps.get_tensor_model_parallel_group(), param.main_grad).clone()
+
+    history = [train_step(state, shard, settings, micro_batch_size, check=first_gradients if step == 0 and capture else None)
+               for step in range(spec["steps"])]
+    if capture and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+        torch.save(grads, work / f"{run['name']}.grads.pp{ps.get_pipeline_model_parallel_rank()}.pt")
     save_model_checkpoint(state.unwrapped_chunks(), work / run["name"])
     if dist.get_rank() == 0:
         (work / f"{run['name']}.json").write_text(json.dumps({"dp": dp_size, "history": history}))

@@ -27,7 +27,8 @@ def run(tmp_path_factory):
     model, work = shared_tiny_model(tmp_path_factory), tmp_path_factory.mktemp("online")
     return online_run(work, 2, STEPS, **{
         "model.hf_dir": model["hf"], "model.mcore_ckpt": model["mcore"], "data.prompts_per_step": PROMPTS_PER_STEP,
-        "rollout.k": K, "training.global_batch_size": PROMPTS_PER_STEP * K, "checkpoint.dir": work / "checkpoints"})
+        "rollout.k": K, "training.global_batch_size": PROMPTS_PER_STEP * K, "checkpoint.dir": work / "checkpoints",
+        "algorithm.reward": "tests.rollout_fixtures:parity_reward"})  # both reward signs
 
 
 def test_every_step_is_logged_with_rollout_and_loss_metrics(run):
@@ -38,6 +39,7 @@ def test_every_step_is_logged_with_rollout_and_loss_metrics(run):
         assert m["generation_tokens"] > 0
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["truncated_frac"] <= 1.0
         assert m["tokens"] > 0 and m["skipped"] == 0.0
+        assert m["loss_pos"] != 0.0 and m["loss_neg"] != 0.0, m  # both signs train
 
 
 def test_engines_sample_with_the_trainers_weights(run):

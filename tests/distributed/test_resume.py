@@ -1,9 +1,10 @@
 """Interrupt-and-resume reproduces the uninterrupted online run (CPU).
 
-Run A trains 4 steps in one process, uninterrupted. Run K is the same run with a checkpoint
-after every step, killed (SIGKILL to its whole process group) while it is writing its step-3
-checkpoint: the staging directory `.iter_0000003.partial` exists, `latest` still names the
-complete step-2 checkpoint. Run B resumes K's directories with `--resume auto` in one process:
+Run A trains 4 steps in one process, uninterrupted, on a reward both signs hit. Run K is the same
+run with a checkpoint after every step, killed (SIGKILL to its whole process group) while it is
+writing its step-3 checkpoint (a hook blocks it after staging, before the rename, so the kill
+point does not depend on the machine's speed): the staging directory `.iter_0000003.partial`
+exists, `latest` still names the complete step-2 checkpoint. Run B resumes K's directories with `--resume auto` in one process:
 every logged number that is not a measurement of the machine (wall clock, memory) must be
 identical to A's for steps 3 and 4: model, optimizer (Adam moments and step), LR schedule,
 sampler position, rollout counter and the engine's seed stream all come back, and checkpoint
@@ -46,7 +47,8 @@ def _command(model, prompts, run_dir, checkpoints, nproc: int = 1, interval: int
     overrides = [
         f"model.hf_dir={model['hf']}", f"model.mcore_ckpt={model['mcore']}",
         "optim.lr=1e-3", "optim.lr_decay_style=cosine", "optim.lr_decay_steps=4",
-        "algorithm.reward=exact", "algorithm.reward_workers=1",
+        # both reward signs (a random-init model never satisfies `exact`: negatives only)
+        "algorithm.reward=tests.rollout_fixtures:parity_reward", "algorithm.reward_workers=1",
         f"data.prompts={prompts}", "data.prompts_per_step=4", "rollout.k=2", "rollout.max_tokens=8",
         "rollout.engine_dtype=float32", "training.steps=4", "training.global_batch_size=8",
         "training.micro_batch_size=4", f"checkpoint.dir={checkpoints}", f"checkpoint.interval={interval}",
@@ -64,20 +66,42 @@ def _train(model, prompts, run_dir, checkpoints, **options) -> list[dict]:
     return read_metrics(run_dir)
 
 
+# Loaded by the killed run's interpreter (sitecustomize on PYTHONPATH): the step-STEP checkpoint
+# blocks right before its staging directory is renamed into place and says so in a marker file,
+# so the kill lands at the same point of the write on any machine (no polling race).
+_BLOCK_HOOK = """
+import os, time
+import rift_megatron.staging as staging
+_replace = staging.replace_directory
+def _blocking_replace(source, destination):
+    if os.path.basename(str(destination)) == os.environ["RIFT_TEST_BLOCK_AT"]:
+        open(os.environ["RIFT_TEST_BLOCKED_MARKER"], "w").close()
+        time.sleep(3600)
+    return _replace(source, destination)
+staging.replace_directory = _blocking_replace
+"""
+
+
 def _kill_during_checkpoint_write(model, prompts, run_dir, checkpoints, step: int) -> None:
-    """Start the run with a checkpoint every step; SIGKILL its process group as soon as the
-    staging directory of the step-`step` checkpoint appears."""
-    staging = checkpoints / f".iter_{step:07d}.partial"
-    process = subprocess.Popen(_command(model, prompts, run_dir, checkpoints, interval=1), env=subprocess_env(),
+    """Start the run with a checkpoint every step; SIGKILL its process group while its
+    step-`step` checkpoint is fully staged but not yet renamed into place."""
+    hook = run_dir.parent / f"{run_dir.name}_hook"
+    hook.mkdir(parents=True, exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_BLOCK_HOOK)
+    marker = hook / "blocked"
+    env = subprocess_env(RIFT_TEST_BLOCK_AT=f"iter_{step:07d}", RIFT_TEST_BLOCKED_MARKER=str(marker))
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
+    process = subprocess.Popen(_command(model, prompts, run_dir, checkpoints, interval=1), env=env,
                                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)
     deadline = time.monotonic() + 900
-    while not staging.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL, f"the run ended before its step-{step} checkpoint:\n{stderr[-4000:]}"
+    assert marker.exists() and process.returncode == -signal.SIGKILL, (
+        f"the run did not block in its step-{step} checkpoint:\n{stderr[-4000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +136,12 @@ def test_resumed_run_logs_exactly_what_the_uninterrupted_run_logged(runs):
     assert sorted(uninterrupted) == [1, 2, 3, 4] and sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
         assert resumed[step] == uninterrupted[step], step
-    # the comparison has teeth: consecutive steps differ
-    assert uninterrupted[3]["loss"] != uninterrupted[4]["loss"]
+    # the comparison has teeth: both reward signs train, and what is compared changes every step
+    for step in (1, 2, 3, 4):
+        assert uninterrupted[step]["loss_pos"] != 0.0 and uninterrupted[step]["loss_neg"] != 0.0, uninterrupted[step]
+    for key in ("loss", "loss_pos", "loss_neg", "grad_norm", "logprob_mean_pos", "logprob_mean_neg"):
+        values = [uninterrupted[step][key] for step in (1, 2, 3, 4)]
+        assert len(set(values)) == 4, (key, values)
 
 
 def test_resume_at_data_parallel_size_2_continues_the_same_run(runs):
