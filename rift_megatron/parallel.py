@@ -1,14 +1,16 @@
 """torch.distributed and Megatron-Core parallel-state set-up.
 
 Works the same under `torchrun` (reads RANK / WORLD_SIZE / MASTER_ADDR from the environment) and
-as a plain single process (a one-rank group on a free loopback port), so `rift demo` and the
+as a plain single process (a one-rank group on a private file rendezvous), so `rift demo` and the
 tests need no launcher.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
-import socket
+import shutil
+import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -66,10 +68,12 @@ class ParallelLayout:
         return world_size // self.model_parallel_size
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def private_rendezvous() -> str:
+    """A fresh file rendezvous (`file://...`) for a group of this machine's processes: nothing to
+    pick and lose to a race, unlike a free port chosen now and bound later. Removed at exit."""
+    directory = tempfile.mkdtemp(prefix="rift-rendezvous-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return f"file://{directory}/store"
 
 
 def init_distributed(timeout: timedelta = timedelta(minutes=30), cpu_only: bool = False) -> Platform:
@@ -89,7 +93,7 @@ def init_distributed(timeout: timedelta = timedelta(minutes=30), cpu_only: bool 
     else:
         dist.init_process_group(
             backend=backend,
-            init_method=f"tcp://127.0.0.1:{_free_loopback_port()}",
+            init_method=private_rendezvous(),
             rank=0,
             world_size=1,
             timeout=timeout,

@@ -23,14 +23,13 @@ subprocesses / torchrun workers.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.environment import REPO_ROOT, subprocess_env  # noqa: E402,F401  (re-exported for the tests)
 VOCAB_SIZE = 300
 MAX_POSITIONS = 512
 MODEL_SEED = 1234
@@ -147,16 +146,6 @@ def shared_tiny_model(tmp_path_factory) -> dict[str, Path]:
 def shared_wide_tied_model(tmp_path_factory) -> dict[str, Path]:
     """The WIDE_TIED variant, built once per session like `shared_tiny_model`."""
     return build_tiny_model(tmp_path_factory.getbasetemp() / "rift-rollout-wide-tied-model", **WIDE_TIED)
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(extra)
-    return env
 
 
 def _run_python(code: str, timeout: float = 300) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from rift_megatron.convert.megatron_world import tp1_megatron_world
 from rift_megatron.convert.processes import run_in_processes, split_by_size
 from rift_megatron.convert.safetensors_io import DTYPES, HFCheckpointReader
 from rift_megatron.models.hf_config import ModelArchitecture
+from rift_megatron.parallel import private_rendezvous
 from rift_megatron.staging import check_writable, staged_directory
 
 TARGET_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -231,10 +230,9 @@ def _manifest(source: SourceModel, dtype: torch.dtype, checksums: dict[str, str]
     }
 
 
-def _spawned_rank(rank: int, world: int, port: int, hf_dir: str, staging: str, dtype: torch.dtype) -> dict[str, str]:
+def _spawned_rank(rank: int, world: int, rendezvous: str, hf_dir: str, staging: str, dtype: torch.dtype) -> dict[str, str]:
     """One writer of an `nproc > 1` conversion: rank `rank` of a gloo group of `world` processes."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     source = inspect_source(hf_dir)
     with tp1_megatron_world():
         # A ConversionError found mid-write reaches every rank (DCP gathers failures), so all
@@ -243,10 +241,8 @@ def _spawned_rank(rank: int, world: int, port: int, hf_dir: str, staging: str, d
 
 
 def _write_with_processes(source: SourceModel, staging: Path, dtype: torch.dtype, nproc: int) -> dict[str, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    jobs = [(rank, nproc, port, str(source.hf_dir), str(staging), dtype) for rank in range(nproc)]
+    rendezvous = private_rendezvous()
+    jobs = [(rank, nproc, rendezvous, str(source.hf_dir), str(staging), dtype) for rank in range(nproc)]
     checksums: dict[str, str] = {}
     for share in run_in_processes(_spawned_rank, jobs):
         checksums.update(share)

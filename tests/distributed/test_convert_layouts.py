@@ -30,7 +30,6 @@ Tolerances:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from rift_megatron.convert.mcore_to_hf import convert_mcore_to_hf
 from rift_megatron.convert.verify import DEFAULT_ATOL, _fixed_tokens, transformers_logits
 from tests.distributed import convert_worker
 from tests.distributed.launch import REPO_ROOT, run_torchrun
+from tests.environment import subprocess_env
 from tests.unit.test_convert import (
     FAMILY_CONFIGS,
     FAMILY_NAMES,
@@ -182,9 +182,7 @@ def test_one_training_step_at_tp2pp2_exports_like_tp1(work, family):
 
 
 def _verify(hf: Path, ckpt: Path, report: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env = subprocess_env(PYTHONWARNINGS="ignore")
     command = [sys.executable, "-m", "rift_megatron.cli", "convert", "verify", "--hf", str(hf), "--ckpt", str(ckpt),
                "--json", str(report), *extra]
     return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -227,11 +227,9 @@ def _build_info(folder: Path) -> dict:
 
 
 def _run_build(source: Path, staging: Path) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["HF_HUB_OFFLINE"] = "1"
-    env["TRANSFORMERS_OFFLINE"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
+    from tests.environment import subprocess_env
+
+    env = subprocess_env()
     result = subprocess.run(
         [sys.executable, "-m", "tests.real_model.smollm2", str(source), str(staging)],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,

@@ -26,7 +26,6 @@ import linecache
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import traceback
@@ -485,10 +484,16 @@ def run_case(case: Callable) -> dict:
         }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _init_group() -> None:
+    """The gloo group of this scenario run, on a file rendezvous (the parent's for several ranks,
+    a private one for one): no port picked now and bound later, so no race for it."""
+    from rift_megatron.parallel import private_rendezvous
+
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo", init_method=os.environ["RIFT_TEST_RENDEZVOUS"], rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=PG_TIMEOUT)
+    else:
+        dist.init_process_group("gloo", init_method=private_rendezvous(), rank=0, world_size=1, timeout=PG_TIMEOUT)
 
 
 def setup(skip: str | None) -> dict | None:
@@ -497,22 +502,14 @@ def setup(skip: str | None) -> dict | None:
 
     if skip is None:
         from rift_megatron.parallel import init_distributed
+        from rift_megatron.platform import current_platform, resolve_layer_impl
 
-        platform = init_distributed(timeout=PG_TIMEOUT)  # current_platform(): all patches
-        from rift_megatron.platform import resolve_layer_impl
-
+        current_platform()  # all patches
+        _init_group()
+        platform = init_distributed(timeout=PG_TIMEOUT)  # the group exists: only returns the platform
         return {"kind": platform.kind, "backend": platform.backend, "layer_impl": resolve_layer_impl("auto", platform)}
     cpu_compat.apply_cpu_compat(skip={skip})
-    if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("gloo", timeout=PG_TIMEOUT)
-    else:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{_free_port()}",
-            rank=0,
-            world_size=1,
-            timeout=PG_TIMEOUT,
-        )
+    _init_group()
     return None
 
 

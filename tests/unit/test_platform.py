@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -81,18 +81,10 @@ cpu_only = pytest.mark.skipif(
 # --------------------------------------------------------------------------- subprocess runs
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    from tests.environment import subprocess_env
+
+    return subprocess_env()
 
 
 def _communicate_all(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
@@ -126,10 +118,9 @@ def run_scenarios(scenarios: tuple[str, ...], skip: str | None) -> list[dict]:
     env = _base_env()
     rank_envs = [dict(env)]
     if world_size > 1:
-        port = str(_free_port())
+        rendezvous = f"file://{tempfile.mkdtemp(prefix='rift-platform-')}/store"  # no port to race for
         rank_envs = [
-            dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size),
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world_size), RIFT_TEST_RENDEZVOUS=rendezvous)
             for r in range(world_size)
         ]
     procs = [

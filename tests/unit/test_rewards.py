@@ -27,8 +27,10 @@ from rift_megatron.rollout.rewards import (
 from rift_megatron.rollout.verifier_pool import VerifierPool
 
 LIMIT_S = 2.0  # per-sample limit used by the pools here
-MARGIN_S = 3.0  # allowed pool overhead on top of the limit (kill + bookkeeping; measured ~0.02 s)
-RESTART_S = 6.0  # allowance for starting a replacement worker (measured ~0.7-2 s; more on a loaded machine)
+# Bounded time is asserted through the pool's own counters (a sample over the limit is timed out,
+# its worker killed and replaced: `timeouts` / `restarts`), never through elapsed wall-clock time,
+# which depends on the machine and its load. A pool that failed to enforce the limit would hang
+# the test until pytest's --timeout.
 
 # ------------------------------------------------------------------------------------------------
 # User reward functions, referenced by dotted path "tests.unit.test_rewards:<name>"
@@ -260,14 +262,14 @@ def test_pool_empty_batch_and_closed(function_pool):
 def test_user_function_crash_and_hang_cost_one_sample(function_pool):
     items = [("true", "r", "0"), ("exit", "r", "0"), ("sleep", "r", "0"), ("float", "r", "2.0"), ("true", "r", "0")]
     function_pool.wait_ready()
-    start = time.monotonic()
+    timeouts, restarts = function_pool.timeouts, function_pool.restarts
     results = function_pool.score_all(items)
-    elapsed = time.monotonic() - start
     assert results[0] == RewardResult(1.0, True)
     assert not results[1].correct and results[1].reward == -0.2 and "worker died" in results[1].error
     assert results[2].timed_out and results[2].reward == -0.2 and not results[2].correct
     assert results[3] == RewardResult(2.0, True) and results[4] == RewardResult(1.0, True)
-    assert elapsed < LIMIT_S + MARGIN_S + RESTART_S  # the hang, plus one worker restart
+    # the hang was cut at the limit (one timeout) and both lost workers were replaced
+    assert function_pool.timeouts == timeouts + 1 and function_pool.restarts == restarts + 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,11 +338,12 @@ PATHOLOGICAL = {
 
 @pytest.mark.parametrize("name", list(PATHOLOGICAL))
 def test_pathological_answer_bounded_and_incorrect(math_pool, name):
-    start = time.monotonic()
+    timeouts, restarts = math_pool.timeouts, math_pool.restarts
     (result,) = math_pool.score_all([("", PATHOLOGICAL[name], "3")])
-    elapsed = time.monotonic() - start
-    assert elapsed < LIMIT_S + MARGIN_S, f"{name} took {elapsed:.2f} s"
     assert result.reward == -0.2 and result.correct is False
+    # either verified within the limit, or cut at it (counted) and its worker replaced
+    cut = int(result.timed_out)
+    assert math_pool.timeouts == timeouts + cut and math_pool.restarts >= restarts + cut, (name, result)
     # The pool still works right after (a timed-out worker has been replaced).
     (normal,) = math_pool.score_all([("", r"The answer is \boxed{\frac{6}{2}}.", "3")])
     assert normal == RewardResult(1.0, True)
@@ -351,14 +354,12 @@ def test_pathological_batch_is_not_stalled(math_pool):
     hang = PATHOLOGICAL["power_tower_latex"]
     items = [("", hang, "3"), ("", hang, "3")] + [("", rf"\boxed{{{i}}}", str(i)) for i in range(10)]
     math_pool.wait_ready()
-    start = time.monotonic()
+    timeouts, restarts = math_pool.timeouts, math_pool.restarts
     results = math_pool.score_all(items)
-    elapsed = time.monotonic() - start
     assert [r.timed_out for r in results[:2]] == [True, True]
     assert all(r == RewardResult(1.0, True) for r in results[2:])
-    # 2 workers: both hang in parallel (one limit), are replaced, then the easy ones (~1 ms each).
-    assert elapsed < LIMIT_S + MARGIN_S + RESTART_S, elapsed
-    assert math_pool.timeouts >= 2 and math_pool.restarts >= 2
+    # 2 workers: both hang, are cut at the limit and replaced; then the easy ones are scored
+    assert math_pool.timeouts == timeouts + 2 and math_pool.restarts >= restarts + 2
 
 
 # ------------------------------------------------------------------------------------------------
