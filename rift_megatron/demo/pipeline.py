@@ -290,14 +290,36 @@ def online_run(out: Path, s: DemoSettings, algorithm: str, seed: int, prepared: 
     config["training"] = {"steps": s.online_steps, "epochs_per_rollout": s.epochs_per_rollout, "global_batch_size": s.global_batch_size,
                           "micro_batch_size": min(64, s.global_batch_size), "seed": seed}
     config["eval"]["interval"] = s.eval_every_iterations * s.steps_per_iteration
+    return _train_from_warmup(run, config, algorithm, seed, keep_checkpoint)
+
+
+def offline_run(out: Path, s: DemoSettings, algorithm: str, seed: int, prepared: "Prepared", buffer: Path,
+                steps: int, eval_prompts: Path, name: str) -> dict:
+    """One offline `rift train` run from the warm-up on a scored buffer (`rift rollout`'s output):
+    the paper's setting. `seed` fixes the order the buffer is drawn in, so runs of different
+    algorithms with the same seed see the same batches; held-out eval at the start and the end."""
+    run = out / "runs" / name
+    if run.exists():
+        shutil.rmtree(run)
+    config = _common_config(s, prepared.warmup, eval_prompts)
+    config["model"]["mcore_ckpt"] = str(prepared.warmup_mcore)
+    config["algorithm"]["name"] = algorithm
+    config["data"] = {"mode": "offline", "buffer": str(buffer)}
+    config["training"] = {"steps": steps, "global_batch_size": s.global_batch_size,
+                          "micro_batch_size": min(64, s.global_batch_size), "seed": seed}
+    config["eval"]["interval"] = steps
+    return _train_from_warmup(run, config, algorithm, seed, keep_checkpoint=False)
+
+
+def _train_from_warmup(run: Path, config: dict, algorithm: str, seed: int, keep_checkpoint: bool) -> dict:
     if keep_checkpoint:
         config["checkpoint"].update({"dir": str(run / "checkpoints"), "interval": 0, "keep_last": 1})
     config["logging"]["dir"] = str(run)
     seconds = _run(_rift("train", "--config", str(_write_yaml(run / "demo.yaml", config))), run / "train.log")
-    return summarise_online_run(run, algorithm, seed, seconds)
+    return summarise_run(run, algorithm, seed, seconds)
 
 
-def summarise_online_run(run: Path, algorithm: str, seed: int, seconds: float) -> dict:
+def summarise_run(run: Path, algorithm: str, seed: int, seconds: float) -> dict:
     metrics = _read_metrics(run)
     curve = eval_curve(metrics)
     losses = [m["loss"] for m in metrics if "loss" in m]

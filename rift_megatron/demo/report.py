@@ -11,6 +11,8 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from rift_megatron.demo.paired import paired_comparison
+
 ALGORITHMS = ("rft", "rift", "naive")
 _OPERATIONS = {"+": "addition", "-": "subtraction", "+-": "addition and subtraction"}
 
@@ -133,11 +135,10 @@ def claims(baseline: float, algorithms: dict) -> dict:
     # Seeds are paired: the same seed gives every algorithm the same prompts and sampling seeds, so
     # the per-seed differences carry the comparison. A difference counts as shown when their mean
     # is more than two standard errors from 0 (and more than the ~0.03 evaluation noise).
-    per_seed = [a - b for a, b in zip(rift["heldout_accuracy_per_seed"], rft["heldout_accuracy_per_seed"])
-                if a is not None and b is not None]
-    mean_diff = _mean(per_seed)
-    std_err = _std(per_seed) / len(per_seed) ** 0.5 if len(per_seed) > 1 else None
-    wins = sum(d > 0 for d in per_seed)
+    pairs = [(a, b) for a, b in zip(rift["heldout_accuracy_per_seed"], rft["heldout_accuracy_per_seed"])
+             if a is not None and b is not None]
+    paired = paired_comparison([a for a, _ in pairs], [b for _, b in pairs])
+    per_seed, mean_diff, std_err, wins = paired["differences"], paired["mean"], paired["standard_error"], paired["wins"]
     versus = (
         f"rift {_fmt(rift['heldout_accuracy'])} +- {_fmt(rift['heldout_accuracy_std'])} vs rft "
         f"{_fmt(rft['heldout_accuracy'])} +- {_fmt(rft['heldout_accuracy_std'])} held-out (mean +- std over {n} "
