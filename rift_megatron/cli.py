@@ -13,6 +13,7 @@ from rift_megatron.rollout import cli as rollout_cli
 from rift_megatron.rollout import eval_cli
 from rift_megatron.rollout.errors import WeightSyncError
 from rift_megatron.staging import OutputExistsError
+from rift_megatron.training.errors import INTERRUPTED_WITHOUT_SAVING, TrainingStopped
 
 # Bad input (files, fields, flag values) is reported as one line; ConversionError,
 # ModelConfigError and PromptFileError are ValueError subclasses or listed here.
@@ -51,6 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     except WeightSyncError as error:  # a failed sync check: the run stopped before the weights moved
         print(f"rift {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except TrainingStopped as error:  # rift train: a signal or non-finite steps, stopped at a safe point
+        print(f"rift {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        # Outputs are staged and renamed into place only when complete, so nothing half-written is
+        # left; a training run keeps its last checkpoint (the first Ctrl-C of `rift train` saves one).
+        what = INTERRUPTED_WITHOUT_SAVING if args.command == "train" else "interrupted: stopped without writing partial output"
+        print(f"rift {args.command}: {what}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

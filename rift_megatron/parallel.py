@@ -151,6 +151,15 @@ def is_main_rank() -> bool:
 
 def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """In-place SUM all-reduce that is a no-op without a process group."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM, group)
+
+
+def all_reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place MAX all-reduce that is a no-op without a process group."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX, group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
+        dist.all_reduce(tensor, op=op, group=group)
     return tensor

@@ -138,6 +138,34 @@ def build_tiny_model(root: Path, **overrides) -> dict[str, Path]:
     return paths
 
 
+def scored_buffer(hf_dir: Path, records: list[dict], out: Path) -> Path:
+    """An offline buffer at `out`: two responses per prompt, one right (r = +1) and one wrong
+    (r = -0.2), with the initial model's log-prob of every response token as behaviour log-probs."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rift_megatron.data.prompts import render_prompt
+    from rift_megatron.rollout.buffer import BufferRow, write_buffer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    rows = []
+    for index, record in enumerate(records):
+        prompt_ids = list(render_prompt(tokenizer, record["prompt"], chat_template=False))
+        for answer, reward in ((record["answer"], 1.0), (str(int(record["answer"]) + 7), -0.2)):
+            response = f" The answer is \\boxed{{{answer}}}."
+            response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + response_ids])).logits[0, len(prompt_ids) - 1:-1]
+            logprobs = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(response_ids)[:, None])
+            rows.append(BufferRow(prompt_id=index, prompt=record["prompt"], response=response,
+                                  prompt_ids=prompt_ids, response_ids=response_ids,
+                                  behavior_logprobs=logprobs[:, 0].tolist(), reward=reward, correct=reward > 0))
+    out.mkdir(parents=True, exist_ok=True)
+    write_buffer(out, rows, {"source": "tests.rollout_fixtures.scored_buffer", "samples": len(rows)})
+    return out
+
+
 def shared_tiny_model(tmp_path_factory) -> dict[str, Path]:
     """The tiny model under the session's base temp dir (built by the first module that asks)."""
     return build_tiny_model(tmp_path_factory.getbasetemp() / "rift-rollout-tiny-model")

@@ -216,6 +216,10 @@ class TrainingConfig:
     global_batch_size: int = _f(64, "Samples per optimizer step, over all data-parallel ranks.", min=1)
     micro_batch_size: int = _f(4, "Samples per forward/backward pass on one rank.", min=1)
     seed: int = _f(1234, "Seed of model init, data order, sampling and dropout.", min=0)
+    max_consecutive_nonfinite: int = _f(
+        3, "A step whose gradients are not finite is skipped (weights unchanged, logged as nonfinite=1); "
+           "this many in a row stop the run (after saving the last good weights when checkpoint.dir is set).", min=1
+    )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ resumable sampler; one optimizer step each.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -36,10 +37,13 @@ from rift_megatron.config import (
     to_sampling_config,
     validate_for_world,
 )
+from rift_megatron.config.checks import response_lengths
 from rift_megatron.convert.checkpoint_files import resolve_checkpoint
-from rift_megatron.data.prompts import load_prompts, render_prompt
+from rift_megatron.data.lengths import length_budget, model_positions, render_within_budget
+from rift_megatron.data.prompts import load_prompts
 from rift_megatron.data.sampler import PromptSampler
 from rift_megatron.models.hf_config import load_hf_config
+from rift_megatron.models.hf_folder import load_tokenizer
 from rift_megatron.parallel import (
     destroy_model_parallel,
     init_distributed,
@@ -50,6 +54,8 @@ from rift_megatron.parallel import (
 from rift_megatron.platform.memory import memory_metrics
 from rift_megatron.rollout.batching import Sample, build_train_batch
 from rift_megatron.training.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from rift_megatron.training.errors import NonFiniteTrainingError, TrainingInterrupted
+from rift_megatron.training.interrupts import StopRequest
 from rift_megatron.training.metrics import MetricsLogger
 from rift_megatron.training.setup import setup_training
 from rift_megatron.training.step import train_step
@@ -90,6 +96,7 @@ class Trainer:
         self.dp_size = validate_for_world(cfg, dist.get_world_size())
         self.model_folder = model_folder(cfg)
         self.arch = load_hf_config(self.model_folder)
+        self._read_prompts()  # before the model is converted or built: a prompt too long costs a second
         initial = initial_checkpoint(cfg)
         layout = to_parallel_layout(cfg)
         init_model_parallel(layout, seed=cfg.training.seed)
@@ -103,6 +110,7 @@ class Trainer:
         self.sync_tolerance = sync_check_tolerance(cfg)
         self.hf_assets = Path(self.model_folder)  # config + tokenizer files, copied into every checkpoint
         self.rollout_step = 0
+        self.nonfinite_in_a_row = 0
         self._sampler_state = None
         resume_from = self._resume_checkpoint()
         if resume_from is not None:
@@ -129,28 +137,37 @@ class Trainer:
             return latest_checkpoint(directory) if directory else None
         return Path(resume)
 
+    def _read_prompts(self) -> None:
+        """The tokenizer and the prompt files' token ids, every prompt checked to leave its
+        response length (rollout.max_tokens, eval.max_tokens) in the context."""
+        cfg = self.cfg
+        self.tokenizer = load_tokenizer(self.model_folder, "model.hf_dir" if cfg.model.hf_dir else "model.mcore_ckpt")
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.prompt_ids, self.eval_ids = [], []
+        (rollout_tokens, rollout_key, online), (eval_tokens, eval_key, evaluates) = response_lengths(cfg)
+
+        def read(path: str, max_tokens: int, key: str) -> tuple[list, list[list[int]]]:
+            records = load_prompts(path, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
+            budget = length_budget(self.model_folder, max_tokens, key, max_model_len=cfg.rollout.max_model_len,
+                                   max_model_len_name="rollout.max_model_len")
+            return records, render_within_budget(self.tokenizer, records, budget, chat_template=cfg.data.chat_template)
+
+        if online:
+            self.records, self.prompt_ids = read(cfg.data.prompts, rollout_tokens, rollout_key)
+        if evaluates:
+            self.eval_records, self.eval_ids = read(cfg.eval.prompts, eval_tokens, eval_key)
+
     def _build_data(self) -> None:
         cfg = self.cfg
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_folder)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if cfg.data.mode == "online":
-            self.records = load_prompts(cfg.data.prompts, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
-            self.prompt_ids = [render_prompt(self.tokenizer, r.prompt, chat_template=cfg.data.chat_template) for r in self.records]
             self.sampler = PromptSampler(len(self.records), cfg.data.prompts_per_step, seed=cfg.training.seed, shuffle=cfg.data.shuffle)
         else:
             from rift_megatron.rollout.buffer import load_buffer
 
-            self.prompt_ids = []
             self.buffer = load_buffer(cfg.data.buffer)
             self.sampler = PromptSampler(len(self.buffer), cfg.training.global_batch_size, seed=cfg.training.seed, shuffle=cfg.data.shuffle)
         if self._sampler_state is not None:
             self.sampler.load_state_dict(self._sampler_state)
-        self.eval_ids = []
-        if cfg.eval.prompts:
-            self.eval_records = load_prompts(cfg.eval.prompts, prompt_field=cfg.data.prompt_field, answer_field=cfg.data.answer_field)
-            self.eval_ids = [render_prompt(self.tokenizer, r.prompt, chat_template=cfg.data.chat_template) for r in self.eval_records]
         self.engine = self.pool = None
         if cfg.data.mode == "online" or cfg.eval.prompts:
             from rift_megatron.rollout.engine import RolloutEngine
@@ -158,7 +175,10 @@ class Trainer:
 
             longest_prompt = max(len(ids) for ids in self.prompt_ids + self.eval_ids)
             longest_response = max(cfg.rollout.max_tokens, cfg.eval.max_tokens or 0)
-            self.engine = RolloutEngine(to_engine_config(cfg, max_model_len=longest_prompt + longest_response))
+            # Each prompt fits with its own response length (checked); the longest pair may not.
+            positions = model_positions(self.model_folder)
+            length = min(longest_prompt + longest_response, positions[0] if positions else math.inf)
+            self.engine = RolloutEngine(to_engine_config(cfg, max_model_len=int(length)))
             self.pool = VerifierPool(to_reward_spec(cfg))
 
     # ---- pieces of an iteration -------------------------------------------------------------
@@ -187,6 +207,38 @@ class Trainer:
                 history.append(metrics)
                 self.logger.log(metrics)
                 extra, check = {}, None
+                self._count_nonfinite(metrics)
+
+    def _count_nonfinite(self, metrics: dict) -> None:
+        """Stop after `training.max_consecutive_nonfinite` skipped non-finite steps in a row,
+        keeping the last good weights (the skipped steps did not change them)."""
+        if not metrics["nonfinite"]:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        limit = self.cfg.training.max_consecutive_nonfinite
+        if is_main_rank():
+            print(f"step {self.state.step}: non-finite gradients (loss {metrics.get('loss')}): step skipped, weights "
+                  f"unchanged ({self.nonfinite_in_a_row} in a row, training.max_consecutive_nonfinite {limit})", flush=True)
+        if self.nonfinite_in_a_row < limit:
+            return
+        first = self.state.step - self.nonfinite_in_a_row + 1
+        kept = (f"the last good weights (step {first - 1}) saved to {self._checkpoint()}" if self.cfg.checkpoint.dir
+                else "nothing saved (checkpoint.dir is not set)")
+        raise NonFiniteTrainingError(
+            f"steps {first}-{self.state.step} all had non-finite gradients and were skipped "
+            f"(training.max_consecutive_nonfinite {limit}): stopped; {kept}. Lower optim.lr or check the data "
+            "(rewards, buffer) before resuming")
+
+    def _stop_for_signal(self, signum: int, last_checkpoint: int) -> None:
+        name = TrainingInterrupted.signal_name(signum)
+        if not self.cfg.checkpoint.dir:
+            kept = "nothing saved (checkpoint.dir is not set)"
+        elif last_checkpoint == self.state.step:
+            kept = f"the checkpoint of step {self.state.step} is in {self.cfg.checkpoint.dir}; continue with --resume auto"
+        else:
+            kept = f"checkpoint saved to {self._checkpoint()}; continue with --resume auto"
+        raise TrainingInterrupted(f"stopped by {name} at step {self.state.step}: {kept}", signum)
 
     def _push_check(self, metrics: dict) -> None:
         """The sync check on a rollout's sampled tokens (the step's trainer-vs-behaviour stats)."""
@@ -234,8 +286,8 @@ class Trainer:
             metrics[f"eval_pass@{self.cfg.eval.k}"] = result[f"pass@{self.cfg.eval.k}"]
         return metrics
 
-    def _checkpoint(self) -> None:
-        save_training_checkpoint(
+    def _checkpoint(self) -> Path:
+        return save_training_checkpoint(
             self.cfg.checkpoint.dir, self.state,
             {"rollout_step": self.rollout_step, "sampler": self.sampler.state_dict()},
             dump_yaml(self.cfg), hf_assets=self.hf_assets, keep_last=self.cfg.checkpoint.keep_last or 0,
@@ -244,7 +296,12 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self) -> list[dict]:
-        """Train to `training.steps`; returns the per-step metrics logged by this run."""
+        """Train to `training.steps`; returns the per-step metrics logged by this run. SIGTERM /
+        SIGINT stop it at the next safe point with a checkpoint (TrainingInterrupted)."""
+        with StopRequest() as stop:
+            return self._run(stop)
+
+    def _run(self, stop: StopRequest) -> list[dict]:
         cfg, history = self.cfg, []
         pending: dict = {}
         if self.engine is not None:
@@ -282,6 +339,9 @@ class Trainer:
             if cfg.checkpoint.dir and crossed(cfg.checkpoint.interval) and self.state.step < cfg.training.steps:
                 self._checkpoint()
                 last_checkpoint = self.state.step
+            signum = stop.agreed()  # a safe point: the trainer state plus the sampler is the whole loop state
+            if signum is not None:
+                self._stop_for_signal(signum, last_checkpoint)
         if cfg.eval.prompts:
             # The weights a periodic eval of the last step measured have not changed since.
             final = last_evaluation or self._evaluate()

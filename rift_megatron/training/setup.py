@@ -104,7 +104,9 @@ def wrap_for_training(provider: GPTModelProvider, chunks: list[torch.nn.Module],
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=optim.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # Non-finite gradients are skipped by train_step (counted, logged, weights unchanged),
+        # not fatal: see step.gradients_finite.
+        check_for_nan_in_grad=False,
     )
     return [
         DistributedDataParallel(

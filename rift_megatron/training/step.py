@@ -63,9 +63,10 @@ def train_step(
 ) -> dict[str, float]:
     """Train on this data-parallel rank's share `batch` of the global batch; return step metrics.
 
-    A global batch with no loss tokens (e.g. every reward 0 under rift) carries no signal: the
-    optimizer step is skipped (Adam would otherwise still move the weights with its momentum),
-    and `skipped` is 1 in the metrics. `check`, if given, sees the forward/backward metrics
+    A global batch with no loss tokens (e.g. every reward 0 under rift) carries no signal, and a
+    non-finite gradient anywhere carries garbage: in both cases the optimizer step is skipped
+    (Adam would otherwise still move the weights with its momentum) and `skipped` is 1 in the
+    metrics (`nonfinite` 1 for the second). `check`, if given, sees the forward/backward metrics
     before the optimizer step and may raise to stop the step on every rank.
     """
     from megatron.core import parallel_state as ps
@@ -104,7 +105,8 @@ def train_step(
     metrics = dict(_broadcast_from_last_stage(metrics))
     if check is not None:
         check(metrics)
-    skipped = sum(counts) == 0
+    nonfinite = not gradients_finite(state)
+    skipped = sum(counts) == 0 or nonfinite
     grad_norm = 0.0
     if not skipped:
         update_successful, grad_norm, _ = state.optimizer.step()
@@ -117,5 +119,24 @@ def train_step(
         grad_norm=float(grad_norm or 0.0),
         lr=float(state.optimizer.param_groups[0]["lr"]),
         skipped=float(skipped),
+        nonfinite=float(nonfinite),
     )
     return metrics
+
+
+def gradients_finite(state: TrainState) -> bool:
+    """Whether every gradient of the step is finite, the same answer on every rank.
+
+    Megatron's own NaN check (DDP's `check_for_nan_in_grad`) stops the job; a RIFT run instead
+    skips the step (the weights and the optimizer state stay as they were) and the loop stops only
+    after `training.max_consecutive_nonfinite` skips in a row. Each rank checks its whole gradient
+    buffers (its own contribution: a NaN anywhere in the global gradient came from some rank's
+    local one) and the verdict is reduced over the world, so every rank skips together.
+    """
+    local_bad = any(
+        not bool(torch.isfinite(buffer.grad_data).all())
+        for chunk in state.model for buffer in chunk.buffers + chunk.expert_parallel_buffers
+    )
+    flag = torch.tensor([1.0 if local_bad else 0.0], device=current_platform().device())
+    all_reduce_sum(flag)
+    return float(flag.item()) == 0.0

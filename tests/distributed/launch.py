@@ -73,3 +73,33 @@ def online_run(work: Path, nproc: int, steps: int, timeout: float = 900, **setti
     prompts = write_jsonl(work / "prompts.jsonl", arithmetic_prompts(8))
     overrides = online_overrides(prompts, work / "run", steps, **settings)
     return {"metrics": run_train(overrides, nproc, work / "run", timeout=timeout), "work": work}
+
+
+# Loaded by a run's interpreter (sitecustomize on PYTHONPATH): the checkpoint whose directory is
+# named RIFT_TEST_BLOCK_AT ("any": the first one written) blocks right before its staging
+# directory is renamed into place and says so in a marker file, so a test's kill or signal lands
+# at the same point of the write on any machine (no polling race).
+_BLOCK_HOOK = """
+import os, time
+import rift_megatron.staging as staging
+_replace = staging.replace_directory
+def _blocking_replace(source, destination):
+    if os.environ["RIFT_TEST_BLOCK_AT"] in ("any", os.path.basename(str(destination))):
+        open(os.environ["RIFT_TEST_BLOCKED_MARKER"], "w").close()
+        time.sleep(3600)
+    return _replace(source, destination)
+staging.replace_directory = _blocking_replace
+"""
+
+
+def blocking_checkpoint_env(hook_dir: Path, block_at: str) -> tuple[dict, Path]:
+    """The environment of a run whose checkpoint `block_at` (a directory name, or "any") blocks
+    before its final rename, and the marker file that appears when it does."""
+    import os
+
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(_BLOCK_HOOK)
+    marker = hook_dir / "blocked"
+    env = subprocess_env(RIFT_TEST_BLOCK_AT=block_at, RIFT_TEST_BLOCKED_MARKER=str(marker))
+    env["PYTHONPATH"] = os.pathsep.join([str(hook_dir), env["PYTHONPATH"]])
+    return env, marker

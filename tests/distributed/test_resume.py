@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from tests.distributed.launch import read_metrics, train_command
+from tests.distributed.launch import blocking_checkpoint_env, read_metrics, train_command
 from tests.rollout_fixtures import REPO_ROOT, arithmetic_prompts, shared_tiny_model, subprocess_env, write_jsonl
 
 pytestmark = pytest.mark.distributed
@@ -66,31 +66,12 @@ def _train(model, prompts, run_dir, checkpoints, **options) -> list[dict]:
     return read_metrics(run_dir)
 
 
-# Loaded by the killed run's interpreter (sitecustomize on PYTHONPATH): the step-STEP checkpoint
-# blocks right before its staging directory is renamed into place and says so in a marker file,
-# so the kill lands at the same point of the write on any machine (no polling race).
-_BLOCK_HOOK = """
-import os, time
-import rift_megatron.staging as staging
-_replace = staging.replace_directory
-def _blocking_replace(source, destination):
-    if os.path.basename(str(destination)) == os.environ["RIFT_TEST_BLOCK_AT"]:
-        open(os.environ["RIFT_TEST_BLOCKED_MARKER"], "w").close()
-        time.sleep(3600)
-    return _replace(source, destination)
-staging.replace_directory = _blocking_replace
-"""
 
 
 def _kill_during_checkpoint_write(model, prompts, run_dir, checkpoints, step: int) -> None:
     """Start the run with a checkpoint every step; SIGKILL its process group while its
     step-`step` checkpoint is fully staged but not yet renamed into place."""
-    hook = run_dir.parent / f"{run_dir.name}_hook"
-    hook.mkdir(parents=True, exist_ok=True)
-    (hook / "sitecustomize.py").write_text(_BLOCK_HOOK)
-    marker = hook / "blocked"
-    env = subprocess_env(RIFT_TEST_BLOCK_AT=f"iter_{step:07d}", RIFT_TEST_BLOCKED_MARKER=str(marker))
-    env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
+    env, marker = blocking_checkpoint_env(run_dir.parent / f"{run_dir.name}_hook", f"iter_{step:07d}")
     process = subprocess.Popen(_command(model, prompts, run_dir, checkpoints, interval=1), env=env,
                                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)

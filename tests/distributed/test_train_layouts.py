@@ -40,6 +40,7 @@ from tests.rollout_fixtures import (
     FAULT_MIN,
     LOGPROB_ATOL,
     arithmetic_prompts,
+    scored_buffer,
     shared_tiny_model,
     write_jsonl,
 )
@@ -62,32 +63,6 @@ LOSS_KEYS = ("loss", "loss_pos", "loss_neg", "tokens", "ratio_mean_neg", "grad_n
 # lost micro-batch, a stage applied twice, a mis-normalised loss) moves them by 1e-3 .. 1.
 # Same value and reasoning as test_parallel_equivalence's per-step tolerance.
 LAYOUT_RTOL = 1e-5
-
-
-def _buffer_rows(hf_dir, records):
-    """Two responses per prompt, one right (r = +1) and one wrong (r = -0.2), with the initial
-    model's log-prob of every response token as behaviour log-probs."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rift_megatron.data.prompts import render_prompt
-    from rift_megatron.rollout.buffer import BufferRow
-
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
-    rows = []
-    for index, record in enumerate(records):
-        prompt_ids = list(render_prompt(tokenizer, record["prompt"], chat_template=False))
-        for answer, reward in ((record["answer"], 1.0), (str(int(record["answer"]) + 7), -0.2)):
-            response = f" The answer is \\boxed{{{answer}}}."
-            response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-            with torch.no_grad():
-                logits = model(torch.tensor([prompt_ids + response_ids])).logits[0, len(prompt_ids) - 1:-1]
-            logprobs = torch.log_softmax(logits.double(), -1).gather(-1, torch.tensor(response_ids)[:, None])
-            rows.append(BufferRow(prompt_id=index, prompt=record["prompt"], response=response,
-                                  prompt_ids=prompt_ids, response_ids=response_ids,
-                                  behavior_logprobs=logprobs[:, 0].tolist(), reward=reward, correct=reward > 0))
-    return rows
 
 
 def _train(work, layout: str, settings: dict, name: str | None = None) -> dict:
@@ -115,14 +90,9 @@ def _common(model) -> dict:
 
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory):
-    from rift_megatron.rollout.buffer import write_buffer
-
     model = shared_tiny_model(tmp_path_factory)
     work = tmp_path_factory.mktemp("layouts_offline")
-    buffer = work / "buffer"
-    buffer.mkdir()
-    rows = _buffer_rows(model["hf"], arithmetic_prompts(OFFLINE_PROMPTS, seed=7))
-    write_buffer(buffer, rows, {"source": "test_train_layouts", "samples": len(rows)})
+    buffer = scored_buffer(model["hf"], arithmetic_prompts(OFFLINE_PROMPTS, seed=7), work / "buffer")
     settings = {**_common(model), "data.mode": "offline", "data.buffer": buffer, "training.steps": OFFLINE_STEPS}
     return {layout: _train(work, layout, settings) for layout in LAYOUTS}
 

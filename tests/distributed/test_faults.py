@@ -1,0 +1,174 @@
+"""Faults a training run survives (CPU, real `rift train` processes on the tiny model, offline).
+
+1. Non-finite gradients: a learning rate of 1e30 makes Adam's first update ~1e30 per weight, so
+   from step 2 on the forward pass overflows and the loss and gradients are NaN / inf (a real
+   blow-up, nothing injected). Every such step is skipped (logged `nonfinite` 1, `skipped` 1),
+   the weights stay those of step 1, and after `training.max_consecutive_nonfinite` (3) in a row
+   the run stops in one line, exit 1, having saved those weights.
+2. SIGTERM (Slurm pre-emption) and SIGINT (Ctrl-C) during training: a checkpoint at the next step,
+   one line naming the signal and the checkpoint, exit 128 + signal; `--resume auto` continues
+   with exactly the losses of a run that was never interrupted. A second Ctrl-C stops at once
+   (one line, exit 130, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.launch import blocking_checkpoint_env, read_metrics, train_command
+from tests.rollout_fixtures import REPO_ROOT, arithmetic_prompts, scored_buffer, shared_tiny_model, subprocess_env
+
+pytestmark = pytest.mark.distributed
+
+# Bounded time from the signal to the exit: one optimizer step of this tiny model (~0.1 s) plus the
+# checkpoint write and shutdown (a few s); generous for a loaded 2-core CI machine.
+STOP_WITHIN_S = 60
+COMPARED = ("loss", "loss_pos", "loss_neg", "grad_norm", "tokens", "lr")
+
+
+@pytest.fixture(scope="module")
+def offline_setup(tmp_path_factory) -> dict:
+    model = shared_tiny_model(tmp_path_factory)
+    work = tmp_path_factory.mktemp("faults")
+    return {"model": model, "work": work,
+            "buffer": scored_buffer(model["hf"], arithmetic_prompts(16, seed=3), work / "buffer")}
+
+
+def _overrides(setup: dict, run_dir: Path, steps: int, **settings) -> list[str]:
+    base = {
+        "model.hf_dir": setup["model"]["hf"], "model.mcore_ckpt": setup["model"]["mcore"],
+        "data.mode": "offline", "data.buffer": setup["buffer"], "optim.lr": 1e-3,
+        "optim.lr_decay_style": "constant", "optim.lr_warmup_steps": 0, "training.steps": steps,
+        "training.global_batch_size": 4, "training.micro_batch_size": 2, "rollout.sync_check": "false",
+        "checkpoint.dir": run_dir / "checkpoints", "checkpoint.keep_last": 10, "logging.dir": run_dir,
+        "logging.tensorboard": "false", **settings,
+    }
+    return [f"{key}={value}" for key, value in base.items()]
+
+
+def _steps(run_dir: Path) -> list[dict]:
+    return [m for m in read_metrics(run_dir) if "loss" in m]
+
+
+def _stderr_lines(result_stderr: str) -> list[str]:
+    """stderr without the CPU path's expected library warnings (Megatron's Apex / TE notices)."""
+    lines = [line for line in result_stderr.splitlines() if line.strip()]
+    return [line for line in lines if "warn" not in line.lower() and not line.startswith("  ")]
+
+
+def _model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every stored model tensor of a training checkpoint (not the optimizer's), whole."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from rift_megatron.convert.dcp_reader import Region, read_metadata, read_regions
+
+    stored = {key: value for key, value in read_metadata(checkpoint).state_dict_metadata.items()
+              if not key.startswith("optimizer.") and isinstance(value, TensorStorageMetadata)}
+    regions = [Region(key, (0,) * len(value.size), tuple(value.size)) for key, value in stored.items()]
+    return dict(zip(stored, read_regions(checkpoint, regions, [value.properties.dtype for value in stored.values()])))
+
+
+def test_nonfinite_steps_are_skipped_with_weights_unchanged_then_the_run_stops(offline_setup) -> None:
+    run_dir = offline_setup["work"] / "nonfinite"
+    result = subprocess.run(
+        train_command(_overrides(offline_setup, run_dir, 20, **{"optim.lr": 1e30, "checkpoint.interval": 1}), 1),
+        env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    last = _stderr_lines(result.stderr)[-1]
+    assert "steps 2-4 all had non-finite gradients" in last and "max_consecutive_nonfinite 3" in last, last
+    steps = _steps(run_dir)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    assert steps[0]["nonfinite"] == 0 and steps[0]["skipped"] == 0
+    for m in steps[1:]:
+        assert m["nonfinite"] == 1 and m["skipped"] == 1, m
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip().endswith("iter_0000004")
+    after_step_1, saved_at_stop = _model_tensors(checkpoints / "iter_0000001"), _model_tensors(checkpoints / "iter_0000004")
+    assert after_step_1.keys() == saved_at_stop.keys() and after_step_1
+    for name, tensor in after_step_1.items():
+        assert torch.isfinite(tensor).all(), name
+        assert torch.equal(tensor, saved_at_stop[name]), f"{name} changed during skipped steps"
+    # the blow-up is real: step 1 moved the weights by ~lr (Adam's first update is lr x sign(g))
+    assert max(float(t.abs().max()) for t in after_step_1.values()) > 1e29
+
+
+def _interrupt(setup: dict, run_dir: Path, signals: tuple[int, ...],
+               env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:
+    """Start a long run, send `signals` once it has logged two steps (each after the previous one
+    was seen: the next callable in `signals` waits for it); its result and the seconds from the
+    first signal to its exit."""
+    process = subprocess.Popen(train_command(_overrides(setup, run_dir, 100000), 1), env=env or subprocess_env(),
+                               cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    _wait_for(process, lambda: metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= 2)
+    sent = time.monotonic()
+    for item in signals:
+        if callable(item):
+            _wait_for(process, item)
+        else:
+            process.send_signal(item)
+    stdout, stderr = process.communicate(timeout=STOP_WITHIN_S + 60)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), time.monotonic() - sent
+
+
+def _wait_for(process: subprocess.Popen, condition, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-4000:]
+        assert time.monotonic() < deadline, f"waited {timeout} s in vain"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_resume_continues_exactly(offline_setup, signum: int) -> None:
+    name = signal.Signals(signum).name
+    run_dir = offline_setup["work"] / f"signal_{name}"
+    result, seconds = _interrupt(offline_setup, run_dir, (signum,))
+    assert result.returncode == 128 + signum, result.stderr[-4000:]
+    assert seconds < STOP_WITHIN_S
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    last = _stderr_lines(result.stderr)[-1]
+    stopped_at = _steps(run_dir)[-1]["step"]
+    assert f"stopped by {name} at step {stopped_at}" in last and "--resume auto" in last, last
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip().endswith(f"iter_{stopped_at:07d}")
+
+    # resume to 3 steps past the stop; an uninterrupted run to the same step is the reference
+    target = stopped_at + 3
+    resumed = subprocess.run(train_command(_overrides(offline_setup, run_dir, target) + ["--resume", "auto"], 1),
+                             env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    reference_dir = offline_setup["work"] / f"reference_{name}"
+    reference = subprocess.run(train_command(_overrides(offline_setup, reference_dir, target), 1),
+                               env=subprocess_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-4000:]
+    after = {m["step"]: m for m in _steps(run_dir) if m["step"] > stopped_at}
+    expected = {m["step"]: m for m in _steps(reference_dir) if m["step"] > stopped_at}
+    assert sorted(after) == sorted(expected) == list(range(stopped_at + 1, target + 1))
+    for step in expected:
+        assert {k: after[step][k] for k in COMPARED} == {k: expected[step][k] for k in COMPARED}, step
+    assert len({expected[step]["loss"] for step in expected}) > 1  # the compared numbers do move
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(offline_setup) -> None:
+    """The first Ctrl-C starts the checkpoint; the second arrives while it is being written (a
+    hook holds the write before its final rename): the run stops at once, the half-written
+    checkpoint never becomes `latest`."""
+    run_dir = offline_setup["work"] / "double_sigint"
+    env, marker = blocking_checkpoint_env(offline_setup["work"] / "double_sigint_hook", "any")
+    result, seconds = _interrupt(offline_setup, run_dir, (signal.SIGINT, marker.exists, signal.SIGINT), env=env)
+    assert result.returncode == 130, result.stderr[-4000:]
+    assert seconds < STOP_WITHIN_S
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    last = _stderr_lines(result.stderr)[-1]
+    assert "interrupted" in last and "without saving" in last, last
+    assert not (run_dir / "checkpoints" / "latest").exists()
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])  # the log is intact
