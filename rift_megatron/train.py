@@ -48,13 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     from rift_megatron.config import ConfigError
     from rift_megatron.rollout.errors import WeightSyncError
     from rift_megatron.training.errors import INTERRUPTED_WITHOUT_SAVING, TrainingStopped
+    from rift_megatron.trust.errors import UntrustedCheckpointError
 
     parser = argparse.ArgumentParser(prog="rift_megatron.train", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, UntrustedCheckpointError) as error:
         print(f"rift train: error: {error}", file=sys.stderr)
         return 2
     except WeightSyncError as error:  # every rank stops here, before the weights moved

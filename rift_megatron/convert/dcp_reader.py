@@ -4,6 +4,7 @@ Megatron's `dist_checkpointing.load` is built for a full model on every rank (it
 the ranks together cover every stored tensor), while an exporter wants one layer of a stacked
 tensor at a time. PyTorch Distributed Checkpoint can read any region: we plan reads of exactly
 the requested boxes; each stored chunk overlapping a box is read and copied into it.
+Metadata is unpickled through the allow-list of `rift_megatron.trust.unpickle`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader, load
+from torch.distributed.checkpoint import load
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from rift_megatron.trust.unpickle import RestrictedFileSystemReader
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ class _RegionLoadPlanner(DefaultLoadPlanner):
 
 
 def read_metadata(checkpoint: Path) -> Metadata:
-    return FileSystemReader(str(checkpoint)).read_metadata()
+    return RestrictedFileSystemReader(str(checkpoint)).read_metadata()
 
 
 def read_regions(checkpoint: Path, regions: Sequence[Region], dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
@@ -58,5 +61,5 @@ def read_regions(checkpoint: Path, regions: Sequence[Region], dtypes: Sequence[t
         MetadataIndex(region.key, torch.Size(region.offsets)): torch.empty(region.sizes, dtype=dtype)
         for region, dtype in zip(regions, dtypes)
     }
-    load({}, storage_reader=FileSystemReader(str(checkpoint)), planner=_RegionLoadPlanner(targets), no_dist=True)
+    load({}, storage_reader=RestrictedFileSystemReader(str(checkpoint)), planner=_RegionLoadPlanner(targets), no_dist=True)
     return list(targets.values())

@@ -7,7 +7,6 @@ parameters are split by size across processes that write one checkpoint together
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +29,11 @@ from rift_megatron.convert.mapping import IGNORED_HF_SUFFIXES, ParamMapping, exp
 from rift_megatron.convert.megatron_world import tp1_megatron_world
 from rift_megatron.convert.processes import run_in_processes, split_by_size
 from rift_megatron.convert.safetensors_io import DTYPES, HFCheckpointReader
+from rift_megatron.convert.tensor_hashes import StreamingTensorHashes
 from rift_megatron.models.hf_config import ModelArchitecture
 from rift_megatron.parallel import private_rendezvous
 from rift_megatron.staging import check_writable, staged_directory
+from rift_megatron.trust.checksums import write_checksums
 
 TARGET_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -115,34 +116,12 @@ def cast_checked(tensor: torch.Tensor, dtype: torch.dtype, name: str) -> torch.T
 STREAM_BLOCK_BYTES = 32 * 2**20
 
 
-class _StreamingChecksums:
-    """sha256 of every HF tensor, fed block by block as the tensors are read for writing."""
-
-    def __init__(self, reader: HFCheckpointReader) -> None:
-        self._reader = reader
-        self._state: dict[str, tuple[int, "hashlib._Hash"]] = {}
-
-    def update(self, name: str, rows: tuple[int, int] | None, tensor: torch.Tensor) -> None:
-        shape = self._reader.info(name).shape
-        start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
-        if start == stop:
-            return
-        done, digest = self._state.get(name, (0, hashlib.sha256()))
-        if start != done:  # the writer reads blocks in plan order; anything else is a bug here
-            raise RuntimeError(f"internal: {name} rows {start}..{stop} read after rows up to {done}")
-        digest.update(tensor.contiguous().view(torch.uint8).numpy())
-        self._state[name] = (stop, digest)
-
-    def hexdigests(self) -> dict[str, str]:
-        return {name: digest.hexdigest() for name, (_, digest) in self._state.items()}
-
-
 class _ChunkSource:
     """Produces this rank's stored chunks on demand from the HF files, one block in memory."""
 
     def __init__(self, source: SourceModel, dtype: torch.dtype) -> None:
         self.source, self.dtype = source, dtype
-        self.checksums = _StreamingChecksums(source.reader)
+        self.checksums = StreamingTensorHashes(lambda name: source.reader.info(name).shape)
 
     def rows(self, mapping: ParamMapping, start: int, stop: int, sizes: tuple[int, ...]) -> torch.Tensor:
         data = megatron_rows(mapping, self._read, self.source.arch, start, stop)
@@ -272,4 +251,5 @@ def convert_hf_to_mcore(
             checksums = _write_with_processes(source, staging, target, nproc)
         copied = copy_hf_assets(source.hf_dir, staging / HF_ASSETS)
         write_json(staging / MANIFEST, _manifest(source, target, checksums, copied))
+        write_checksums(staging)
     return out_dir

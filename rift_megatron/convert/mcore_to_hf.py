@@ -6,13 +6,16 @@ layer at a time, split into HF tensors and written straight into pre-planned saf
 so a process holds about one layer, never a shard or the model. With `nproc > 1` the planned
 shard files are split by bytes over that many processes, each streaming only its files' tensors;
 the output is byte for byte the one a single process writes.
+
+Nothing is read before the checkpoint is admitted (rift_megatron/trust: its files' sha256, its
+pickles hold only data); tensors that `rift_manifest.json` hashes are checked as they stream.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Set
+from collections.abc import Callable, Iterator, Set
 from pathlib import Path
 
 import torch
@@ -39,8 +42,10 @@ from rift_megatron.convert.safetensors_io import (
     shard_file_names,
     write_index,
 )
+from rift_megatron.convert.tensor_hashes import checked_against_manifest
 from rift_megatron.models.hf_config import ModelArchitecture
 from rift_megatron.staging import check_writable, staged_directory
+from rift_megatron.trust.admission import admit_checkpoint
 
 _CONFIG_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -101,12 +106,12 @@ def _row_blocks(stored_chunks, region: Region, row_axis: int) -> list[tuple[int,
 
 
 def iter_hf_blocks(
-    checkpoint: Path, arch: ModelArchitecture, dtype: torch.dtype | None = None, names: Set[str] | None = None
+    checkpoint: Path, arch: ModelArchitecture, names: Set[str] | None = None
 ) -> Iterator[tuple[str, int, torch.Tensor]]:
     """(HF name, first row, rows) covering the whole model in HF tensor order, each tensor's
     blocks in row order; tensors of non-row-wise mappings come whole (first row 0).
 
-    Memory is one stored chunk (or one layer's fused QKV). `dtype=None` keeps the stored dtype
+    Memory is one stored chunk (or one layer's fused QKV). Blocks are in the stored dtype
     (bit-exact round trips). `names`: only these HF tensors; blocks holding none of them are not
     read (a fused QKV or gate/up split across two processes' shards is read by both, a few MB).
     Needs a TP1 Megatron world.
@@ -139,7 +144,7 @@ def iter_hf_blocks(
                 pieces = [(name, 0, tensor) for name, tensor in zip(mapping.hf, mapping.to_hf(block, arch))]
             for name, first_row, tensor in pieces:
                 if names is None or name in names:
-                    yield name, first_row, tensor if dtype is None else cast_checked(tensor, dtype, name)
+                    yield name, first_row, tensor
 
 
 def _read_block(checkpoint: Path, region: Region, dtype: torch.dtype) -> torch.Tensor:
@@ -150,14 +155,26 @@ def _read_block(checkpoint: Path, region: Region, dtype: torch.dtype) -> torch.T
     except CheckpointException as error:
         causes = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
         cause = causes[0] if causes else error
-        files = sorted({info.relative_path for index, info in read_metadata(checkpoint).storage_data.items()
-                        if index.fqn == region.key})
+        files = _files_holding(checkpoint, region.key)
         missing = [name for name in files if not (checkpoint / name).is_file()]
         reason = f"{', '.join(missing)} does not exist" if missing else (
             f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}")
         raise ConversionError(f"{checkpoint}: cannot read stored tensor {region.key!r} "
                               f"(from {', '.join(files)}): {reason}") from None
     return block
+
+
+def _files_holding(checkpoint: Path, key: str) -> list[str]:
+    """The checkpoint's data files that hold stored tensor `key`."""
+    return sorted({info.relative_path for index, info in read_metadata(checkpoint).storage_data.items()
+                   if index.fqn == key})
+
+
+def _hf_tensor_files(checkpoint: Path, arch: ModelArchitecture) -> Callable[[str], list[str]]:
+    """HF tensor name -> the checkpoint's data files holding it (to name them in errors)."""
+    chunks, _ = stored_layout(sharded_model_state(arch))
+    keys = {name: param_region(chunks[m.megatron]).key for m in expand(arch) for name in m.hf}
+    return lambda name: _files_holding(checkpoint, keys[name])
 
 
 def _hf_specs(arch: ModelArchitecture, dtypes: dict[str, torch.dtype], dtype: torch.dtype | None):
@@ -193,7 +210,8 @@ def _write_shards(staging: Path, shards: dict[str, list[TensorSpec]], weight_map
 
 def export_shard_files(checkpoint: str, dtype: torch.dtype | None, staging: str, shards: dict[str, list[TensorSpec]]) -> None:
     """Write the planned shard files `shards` (file name -> its tensors, in file order) into
-    `staging`, reading only the checkpoint regions their tensors come from.
+    `staging`, reading only the checkpoint regions their tensors come from, and checking the
+    tensors against the sha256 of `rift_manifest.json` where it has them (see tensor_hashes).
 
     One call writes a whole export (nproc 1) or one process's share of it; module-level with
     plain arguments so that `run_in_processes` can spawn it.
@@ -201,8 +219,12 @@ def export_shard_files(checkpoint: str, dtype: torch.dtype | None, staging: str,
     checkpoint_dir = Path(checkpoint)
     arch = load_architecture(find_hf_assets(checkpoint_dir))
     weight_map = {name: file_name for file_name, specs in shards.items() for name, _, _ in specs}
+    shapes = {name: shape for specs in shards.values() for name, shape, _ in specs}
     with tp1_megatron_world():
-        blocks = iter_hf_blocks(checkpoint_dir, arch, dtype, names=frozenset(weight_map))
+        blocks = iter_hf_blocks(checkpoint_dir, arch, names=frozenset(weight_map))
+        blocks = checked_against_manifest(checkpoint_dir, blocks, shapes.__getitem__, _hf_tensor_files(checkpoint_dir, arch))
+        if dtype is not None:
+            blocks = ((name, first_row, cast_checked(rows, dtype, name)) for name, first_row, rows in blocks)
         _write_shards(Path(staging), shards, weight_map, blocks)
 
 
@@ -247,6 +269,7 @@ def convert_mcore_to_hf(
         raise ConversionError(f"--nproc must be >= 1, got {nproc}")
     check_writable(out_dir, overwrite)
     checkpoint = resolve_checkpoint(ckpt_dir)
+    admit_checkpoint(checkpoint)
     assets = find_hf_assets(checkpoint)
     arch = load_architecture(assets)
     if dtype is not None and dtype not in TARGET_DTYPES:

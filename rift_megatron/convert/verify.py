@@ -53,6 +53,7 @@ from rift_megatron.convert.megatron_world import tp1_megatron_world
 from rift_megatron.models.hf_config import ModelArchitecture
 from rift_megatron.models.provider import validate_layout
 from rift_megatron.parallel import ParallelLayout
+from rift_megatron.trust.admission import admit_checkpoint
 
 DEFAULT_ATOL = 1e-3
 DEFAULT_MIN_TOP1 = 0.99
@@ -125,7 +126,7 @@ def megatron_logits_subprocess(
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         if result.returncode != 0 or not out_path.exists():
             raise ConversionError(f"Megatron forward at TP{tp} PP{pp} failed:\n{result.stderr[-4000:]}")
-        return torch.load(out_path)
+        return torch.load(out_path, weights_only=True)
 
 
 def load_reference_model(hf_dir: Path, layers: int | None = None) -> torch.nn.Module:
@@ -244,6 +245,7 @@ def verify(
     proves and what it costs); the tensor check always covers every tensor.
     """
     hf_dir, checkpoint = Path(hf_dir), resolve_checkpoint(ckpt_dir)
+    admit_checkpoint(checkpoint)
     arch = load_architecture(find_hf_assets(checkpoint))
     layers = check_layers(layers, arch, tp, pp)
     report = VerifyReport(num_layers=arch.num_layers, layers_compared=layers)

@@ -87,14 +87,15 @@ def load_first_layers(chunks: list[torch.nn.Module], checkpoint: Path, layers: i
       by design not loaded. The tensors' coverage it would check is that of an ordinary
       N-layer Megatron layout.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+
+    from rift_megatron.trust.admission import load_megatron_checkpoint
 
     shapes = {key: tuple(item.size) for key, item in read_metadata(checkpoint).state_dict_metadata.items()
               if hasattr(item, "size")}
     sharded = {f"chunk{index}": chunk.sharded_state_dict() for index, chunk in enumerate(chunks)}
     dict_list_map_inplace(_first_layers_of(shapes, layers, total), sharded)
-    loaded = dist_checkpointing.load(sharded, str(checkpoint), validate_access_integrity=False)
+    loaded = load_megatron_checkpoint(sharded, checkpoint, validate_access_integrity=False)
     for index, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"chunk{index}"])
 
@@ -140,8 +141,8 @@ def main() -> None:
     args = parser.parse_args()
     init_distributed()
     logits = megatron_logits(
-        resolve_checkpoint(args.ckpt), ParallelLayout(tensor=args.tp, pipeline=args.pp), torch.load(args.tokens),
-        args.layers,
+        resolve_checkpoint(args.ckpt), ParallelLayout(tensor=args.tp, pipeline=args.pp),
+        torch.load(args.tokens, weights_only=True), args.layers,
     )
     if logits is not None:
         torch.save(logits, args.out)

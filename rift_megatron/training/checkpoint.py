@@ -13,6 +13,8 @@ A run directory looks like
 
 Every checkpoint is written into a hidden staging directory and renamed into place, and `latest`
 is replaced atomically after that, so a crash mid-write leaves the previous checkpoint current.
+The last file written before the rename is `rift_checksums.json` (every file's sha256); loads
+check it and unpickle nothing but data (rift_megatron/trust/).
 The chunks of a virtual pipeline are merged into one container and tensors are matched by their
 global keys, so the on-disk structure does not depend on the layout.
 """
@@ -63,6 +65,7 @@ def _save_sharded(sharded: dict, directory: Path, rank0_files=None, every_rank_f
     from megatron.core import dist_checkpointing
 
     from rift_megatron.staging import replace_directory
+    from rift_megatron.trust.checksums import write_checksums
 
     staging = _staging_for(directory)
     if _rank() == 0:
@@ -76,6 +79,7 @@ def _save_sharded(sharded: dict, directory: Path, rank0_files=None, every_rank_f
     dist_checkpointing.save(sharded, str(staging))
     _barrier()
     if _rank() == 0:
+        write_checksums(staging)
         replace_directory(staging, directory)
         if after_rename is not None:
             after_rename()
@@ -107,12 +111,12 @@ def save_model_checkpoint(
 
 def load_model_checkpoint(chunks: list[torch.nn.Module], directory: str | Path) -> None:
     """Collectively load `directory` into this rank's unwrapped model chunks (any saved layout)."""
-    from megatron.core import dist_checkpointing
+    from rift_megatron.trust.admission import load_megatron_checkpoint
 
     directory = Path(directory)
     if not (directory / "metadata.json").is_file():
         raise FileNotFoundError(f"{directory}: not a dist_checkpointing checkpoint (no metadata.json)")
-    loaded = dist_checkpointing.load(_sharded_model_state(chunks), str(directory))
+    loaded = load_megatron_checkpoint(_sharded_model_state(chunks), directory)
     for index, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded[f"chunk{index}"])
 
@@ -262,14 +266,15 @@ def load_training_checkpoint(directory: str | Path, state) -> dict:
     Returns the saved trainer state. At another world size the RNG states cannot map one to
     one; they are then left as the caller seeded them (the loop reseeds from (seed, step)).
     """
-    from megatron.core import dist_checkpointing
+    from rift_megatron.trust.admission import load_megatron_checkpoint
+    from rift_megatron.trust.unpickle import load_weights_only
 
     directory = Path(directory)
     payload = json.loads((directory / TRAINER_STATE).read_text())
     chunks = state.unwrapped_chunks()
     model_state = _sharded_model_state(chunks)
     sharded = {"model": model_state, "optimizer": _optimizer_sharded_state(state, model_state, is_loading=True)}
-    loaded = dist_checkpointing.load(sharded, str(directory))
+    loaded = load_megatron_checkpoint(sharded, directory)
     for index, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded["model"][f"chunk{index}"])
     with torch.no_grad():  # the optimizer copies into its main params, leaves that require grad
@@ -280,5 +285,5 @@ def load_training_checkpoint(directory: str | Path, state) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rng_file = directory / RNG_DIR / f"rank_{_rank():05d}.pt"
     if payload.get("world_size") == world and rng_file.is_file():
-        restore_rng_states(torch.load(rng_file, weights_only=False))
+        restore_rng_states(load_weights_only(rng_file, rng_file))
     return payload

@@ -1,0 +1,70 @@
+"""The sha256 of every file of a checkpoint, recorded when it is written and checked before use.
+
+A flipped byte in a `.distcp` file is not detected by PyTorch or Megatron: the tensor simply
+loads with a wrong value. Every checkpoint rift-megatron writes (`rift convert hf-to-mcore`,
+model and training checkpoints) therefore gets `rift_checksums.json`, written last into the
+staging directory, before the rename that makes the checkpoint visible; every load checks it.
+
+    {"algorithm": "sha256", "files": {"<relative path>": {"size": <bytes>, "sha256": "<hex>"}}}
+
+Files added to the directory later are not listed and not checked (nothing we load is outside
+the listed files: `.metadata` names the data files, and it is listed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from rift_megatron.trust.errors import UntrustedCheckpointError
+
+CHECKSUMS_FILE = "rift_checksums.json"
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """Record every file under `directory` (call when nothing else will be written to it)."""
+    files = sorted(path for path in directory.rglob("*") if path.is_file() and path.name != CHECKSUMS_FILE)
+    listing = {path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+               for path in files}
+    payload = {"algorithm": "sha256", "files": listing}
+    (directory / CHECKSUMS_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def _listing(directory: Path) -> dict[str, dict]:
+    path = directory / CHECKSUMS_FILE
+    try:
+        payload = json.loads(path.read_text())
+        listing = payload["files"]
+        if payload.get("algorithm") != "sha256" or not isinstance(listing, dict):
+            raise ValueError("not a sha256 listing")
+        return {str(name): {"size": int(entry["size"]), "sha256": str(entry["sha256"])} for name, entry in listing.items()}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UntrustedCheckpointError(f"{path}: not a valid checksum listing ({type(error).__name__}: {error})") from None
+
+
+def verify_checksums(directory: Path) -> bool:
+    """Check every file `rift_checksums.json` lists; False if the checkpoint has no such file.
+
+    Raises UntrustedCheckpointError naming the first file that is missing, of another size or
+    with another sha256 than recorded.
+    """
+    if not (directory / CHECKSUMS_FILE).is_file():
+        return False
+    for name, expected in _listing(directory).items():
+        path = directory / name
+        if not path.is_file():
+            raise UntrustedCheckpointError(f"{path}: missing (listed in {CHECKSUMS_FILE})")
+        size = path.stat().st_size
+        if size != expected["size"]:
+            raise UntrustedCheckpointError(f"{path}: {size} bytes, but {CHECKSUMS_FILE} recorded {expected['size']} "
+                                           "(truncated or changed after the checkpoint was written)")
+        if file_sha256(path) != expected["sha256"]:
+            raise UntrustedCheckpointError(f"{path}: sha256 differs from the one {CHECKSUMS_FILE} recorded "
+                                           "(corrupted or changed after the checkpoint was written)")
+    return True
