@@ -115,6 +115,9 @@ def build_transformer_config(
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        # No CUDA graphs are captured (cuda_graph_impl stays "none"); the empty scope is what Megatron's
+        # default "full" means, without its deprecation warning on every model built.
+        cuda_graph_scope=[],
     )
 
 

@@ -17,7 +17,6 @@ import functools
 import importlib.util
 import logging
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -80,11 +79,11 @@ def current_platform() -> Platform:
     platform = detect_platform()
     if not platform.is_cuda:
         from rift_megatron.platform.cpu_compat import apply_cpu_compat
+        from rift_megatron.platform.expected_warnings import silence_expected_warnings
 
         # Megatron-Core warns at import that it falls back to its local kernels without TE / apex:
         # on the CPU that fallback is the design, so the warning would only bury real messages.
-        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed", category=UserWarning)
-        warnings.filterwarnings("ignore", message="Apex is not installed", category=UserWarning)
+        silence_expected_warnings()
 
         apply_cpu_compat()
     return platform
