@@ -23,9 +23,11 @@ from dataclasses import Field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from rift_megatron.hf_folder import folder_problem
+
 from .schema import ConfigError, RiftConfig
 
-__all__ = ["check_config", "iter_leaves", "validate_for_world", "where"]
+__all__ = ["check_config", "iter_leaves", "response_lengths", "validate_for_world", "where"]
 
 # Name of the buffer file `rift rollout` writes (rift_megatron.rollout.buffer.BUFFER_FILE; not
 # imported so this module stays free of the rollout package's dependencies).
@@ -132,7 +134,9 @@ def _checkpoint_problems(mcore: str, needs_hf_assets: bool) -> Iterator[str]:
     try:
         checkpoint = resolve_checkpoint(mcore)
         if needs_hf_assets:
-            find_hf_assets(checkpoint)
+            assets = find_hf_assets(checkpoint)
+            if problem := folder_problem(assets):
+                yield f"model.mcore_ckpt: its {str(assets)!r} {problem} (or set model.hf_dir)"
     except ConversionError as error:
         yield f"model.mcore_ckpt: {error}" + (" (or set model.hf_dir)" if needs_hf_assets else "")
 
@@ -142,10 +146,9 @@ def _path_problems(cfg: RiftConfig) -> Iterator[str]:
     if hf is None and mcore is None:
         yield ("model.hf_dir and model.mcore_ckpt are both null: set model.hf_dir (a Hugging Face model folder) "
                "or model.mcore_ckpt (a Megatron checkpoint with hf_assets/)")
-    elif hf is not None and not Path(hf).is_dir():
-        yield f"model.hf_dir {hf!r} does not exist" if not Path(hf).exists() else f"model.hf_dir {hf!r} is not a directory"
-    elif hf is not None and not (Path(hf) / "config.json").is_file():
-        yield f"model.hf_dir {hf!r} has no config.json"
+    elif hf is not None and (problem := folder_problem(hf, weights=mcore is None)):
+        # safetensors weights are converted when no checkpoint is given; a tokenizer is always read
+        yield f"model.hf_dir {hf!r} {problem}"
     if mcore is not None:
         yield from _checkpoint_problems(mcore, needs_hf_assets=hf is None)
     data = cfg.data
@@ -175,6 +178,39 @@ def _path_problems(cfg: RiftConfig) -> Iterator[str]:
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none") and not Path(resume).exists():
         yield f"checkpoint.resume {resume!r} does not exist (use 'auto', 'none' or an existing checkpoint)"
+
+
+def _model_problems(cfg: RiftConfig) -> Iterator[str]:
+    """The model (its config.json, whose folder is known to be sound) against the parallel
+    layout and the rollout / evaluation lengths; the same checks the trainer and the engine
+    would fail later, in a line naming the key."""
+    from rift_megatron.data.lengths import LengthError, length_budget
+    from rift_megatron.models.hf_config import ModelConfigError, load_hf_config
+    from rift_megatron.models.provider import validate_layout
+
+    from .runtime import model_folder, to_parallel_layout
+
+    folder = model_folder(cfg)
+    try:
+        validate_layout(load_hf_config(folder), to_parallel_layout(cfg))
+    except ModelConfigError as error:
+        yield (f"parallel.tensor ({cfg.parallel.tensor}) / parallel.pipeline ({cfg.parallel.pipeline}) do not fit "
+               f"the model: {error}")
+    try:
+        for max_tokens, name, used in response_lengths(cfg):
+            if used:
+                length_budget(folder, max_tokens, name, max_model_len=cfg.rollout.max_model_len,
+                              max_model_len_name="rollout.max_model_len")
+    except LengthError as error:
+        yield str(error)
+
+
+def response_lengths(cfg: RiftConfig) -> list[tuple[int, str, bool]]:
+    """(max tokens, the key that sets it, whether the run samples with it) for rollouts and for
+    evaluations; eval.max_tokens null means rollout.max_tokens."""
+    rollout = (cfg.rollout.max_tokens, "rollout.max_tokens", cfg.data.mode == "online")
+    evaluation = (cfg.eval.max_tokens, "eval.max_tokens") if cfg.eval.max_tokens else rollout[:2]
+    return [rollout, (*evaluation, cfg.eval.prompts is not None)]
 
 
 def _world_problems(cfg: RiftConfig, world_size: int) -> Iterator[str]:
@@ -222,11 +258,15 @@ def validate_for_world(cfg: RiftConfig, world_size: int) -> int:
     Returns the data-parallel size. Raises :class:`ConfigError` listing every problem found, one
     line each: model-parallel sizes that do not divide the world, batch sizes that do not split
     over micro-batches x data-parallel ranks (or a rollout batch over global batches and rollout
-    engines), a missing model folder / config.json / checkpoint / prompt file / buffer.
+    engines), a missing model folder / config.json / tokenizer / safetensors weights / checkpoint /
+    prompt file / buffer; once the files are sound, a model the parallel sizes cannot split (heads,
+    KV heads, FFN, layers) and response lengths that leave no room in the context.
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
     problems = [*_world_problems(cfg, world_size), *_path_problems(cfg)]
+    if not problems:  # the model's files are sound: check the model against the layout and lengths
+        problems = list(_model_problems(cfg))
     if problems:
         raise ConfigError("\n".join(problems))
     return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)

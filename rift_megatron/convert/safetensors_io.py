@@ -31,6 +31,7 @@ from types import TracebackType
 import torch
 
 from rift_megatron.convert.errors import ConversionError
+from rift_megatron.hf_folder import safetensors_problem
 
 if sys.byteorder != "little":  # pragma: no cover - safetensors data is little-endian
     raise ImportError("rift_megatron.convert.safetensors_io requires a little-endian host")
@@ -133,10 +134,7 @@ class HFCheckpointReader:
         single = self.model_dir / SINGLE_NAME
         files = [single] if single.is_file() else sorted(self.model_dir.glob("*.safetensors"))
         if not files:
-            raise ConversionError(
-                f"no *.safetensors files in {self.model_dir}; .bin / PyTorch pickle checkpoints "
-                "are not supported: convert them with transformers "
-                "`model.save_pretrained(dir, safe_serialization=True)`")
+            raise ConversionError(f"{self.model_dir} {safetensors_problem(self.model_dir)}")
         for file in files:
             data_start, entries = _parse_header(file)
             for name, entry in entries.items():

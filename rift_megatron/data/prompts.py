@@ -24,6 +24,7 @@ stable id that rollout buffers and logs can refer to.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -52,9 +53,13 @@ class PromptFileError(ValueError):
 
 @dataclass(frozen=True)
 class PromptRecord:
+    """One prompt; `location` (``file:line`` / ``file: row N (0-based)``, as in the loader's
+    errors) lets a later check, e.g. of its length, name where it came from."""
+
     prompt_id: int
     prompt: str
     answer: str
+    location: str = dataclasses.field(default="", compare=False)
 
 
 def load_prompts(
@@ -147,7 +152,7 @@ def _load_jsonl(path: Path, prompt_field: str, answer_field: str) -> list[Prompt
                 raise PromptFileError(f"{where}: expected a JSON object, got {_describe(obj)}{hint}")
             prompt = _check_prompt(obj, prompt_field, where)
             answer = _check_answer(obj, answer_field, where)
-            records.append(PromptRecord(prompt_id=len(records), prompt=prompt, answer=answer))
+            records.append(PromptRecord(prompt_id=len(records), prompt=prompt, answer=answer, location=where))
     if not records:
         raise PromptFileError(f"{path}: empty prompt file (no records)")
     return records
@@ -216,7 +221,7 @@ def _load_parquet(path: Path, prompt_field: str, answer_field: str) -> list[Prom
         if not prompt.strip():
             raise PromptFileError(f"{where}: column {prompt_field!r} is empty")
         answer = _parquet_answer(answer, answer_field, where)
-        records.append(PromptRecord(prompt_id=row, prompt=prompt, answer=answer))
+        records.append(PromptRecord(prompt_id=row, prompt=prompt, answer=answer, location=where))
     return records
 
 

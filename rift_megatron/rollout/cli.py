@@ -44,26 +44,31 @@ def reward_spec_from_args(args: argparse.Namespace):
 def run_rollout(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rich.console import Console
-    from rich.progress import Progress
-    from transformers import AutoTokenizer
-
-    from rift_megatron.data.prompts import load_prompts, render_prompt
-    from rift_megatron.rollout.buffer import BufferRow, accuracy_summary, write_buffer
-    from rift_megatron.rollout.engine import EngineConfig, RolloutEngine, SamplingConfig
-    from rift_megatron.rollout.verifier_pool import VerifierPool
+    from rift_megatron.data.lengths import length_budget, render_within_budget
+    from rift_megatron.data.prompts import load_prompts
+    from rift_megatron.hf_folder import check_model_folder, load_tokenizer
     from rift_megatron.staging import check_writable, staged_directory
 
-    console = Console(highlight=False)
     out = Path(args.out)
     check_writable(out, args.overwrite)
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
+    check_model_folder(args.model, "--model")
+    budget = length_budget(args.model, args.max_tokens, "--max-tokens", max_model_len=args.max_model_len)
     records = load_prompts(args.prompts, prompt_field=args.prompt_field, answer_field=args.answer_field)
+    tokenizer = load_tokenizer(args.model, "--model")
+    prompt_ids = render_within_budget(tokenizer, records, budget, chat_template=args.chat_template)
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from rift_megatron.rollout.buffer import BufferRow, accuracy_summary, write_buffer
+    from rift_megatron.rollout.engine import EngineConfig, RolloutEngine, SamplingConfig
+    from rift_megatron.rollout.verifier_pool import VerifierPool
+
+    console = Console(highlight=False)
     spec = reward_spec_from_args(args)
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    prompt_ids = [render_prompt(tokenizer, r.prompt, chat_template=args.chat_template) for r in records]
     max_len = args.max_model_len or max(len(ids) for ids in prompt_ids) + args.max_tokens
     engine = RolloutEngine(EngineConfig(model=args.model, dtype=args.dtype, max_model_len=max_len, seed=args.seed))
     rows: list[BufferRow] = []

@@ -28,29 +28,37 @@ def register(commands) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from rift_megatron.data.lengths import length_budget, render_within_budget
+    from rift_megatron.data.prompts import load_prompts
+    from rift_megatron.hf_folder import check_model_folder, load_tokenizer
+
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
+    # Everything the prompts need is checked before a checkpoint is exported or an engine built.
+    if args.ckpt:
+        from rift_megatron.convert.checkpoint_files import checkpoint_hf_assets
+
+        folder, name = checkpoint_hf_assets(args.ckpt), "--ckpt"
+    else:
+        folder, name = check_model_folder(args.model, "--model"), "--model"
+    budget = length_budget(folder, args.max_tokens, "--max-tokens")
+    records = load_prompts(args.prompts, prompt_field=args.prompt_field, answer_field=args.answer_field)
+    prompt_ids = render_within_budget(load_tokenizer(folder, name), records, budget, chat_template=args.chat_template)
     if args.ckpt:
         from rift_megatron.convert.mcore_to_hf import convert_mcore_to_hf
 
         with tempfile.TemporaryDirectory(prefix="rift-eval-") as work:
             model = convert_mcore_to_hf(args.ckpt, Path(work) / "hf")
-            return _evaluate_model(args, str(model))
-    return _evaluate_model(args, args.model)
+            return _evaluate_model(args, str(model), records, prompt_ids)
+    return _evaluate_model(args, args.model, records, prompt_ids)
 
 
-def _evaluate_model(args: argparse.Namespace, model: str) -> int:
-    from transformers import AutoTokenizer
-
-    from rift_megatron.data.prompts import load_prompts, render_prompt
+def _evaluate_model(args: argparse.Namespace, model: str, records: list, prompt_ids: list[list[int]]) -> int:
     from rift_megatron.rollout.cli import reward_spec_from_args
     from rift_megatron.rollout.engine import EngineConfig, RolloutEngine
     from rift_megatron.rollout.evaluate import evaluate
     from rift_megatron.rollout.verifier_pool import VerifierPool
 
-    records = load_prompts(args.prompts, prompt_field=args.prompt_field, answer_field=args.answer_field)
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    prompt_ids = [render_prompt(tokenizer, r.prompt, chat_template=args.chat_template) for r in records]
     engine = RolloutEngine(EngineConfig(model=model, dtype=args.dtype,
                                         max_model_len=max(len(ids) for ids in prompt_ids) + args.max_tokens))
     args.r_pos, args.r_neg = 1.0, 0.0

@@ -5,6 +5,7 @@ the dump / load round trip, the example config, and the runtime objects built fr
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -293,12 +294,23 @@ def test_config_from_dict_checks_like_load_config():
 # ---------------------------------------------------------------------------- world / file system
 
 
+def stand_in_model(folder: Path, weights: bool = True) -> Path:
+    """A model folder the checks accept: a valid config.json (4096 positions, so any response
+    length fits), a tokenizer file and a weights file, by name (validate_for_world reads neither)."""
+    from rift_megatron.models.presets import tiny_hf_config
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(tiny_hf_config(max_position_embeddings=4096)))
+    (folder / "tokenizer.json").write_text("{}")
+    if weights:
+        (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
 @pytest.fixture
 def ready(tmp_path):
     """A config whose model folder and prompt file exist."""
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
+    hf = stand_in_model(tmp_path / "hf")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "1+1=", "answer": "2"}\n')
     return load_config(None, [f"model.hf_dir={hf}", f"data.prompts={prompts}"])
@@ -352,11 +364,12 @@ def test_rollout_batch_must_split_over_dp_engines_and_global_batches(ready):
 def test_model_dir_must_exist_and_hold_config_json(ready, tmp_path):
     missing = tmp_path / "nope"
     cfg = dataclasses.replace(ready, model=dataclasses.replace(ready.model, hf_dir=str(missing)))
-    assert world_error(cfg, 1) == [f"model.hf_dir '{missing}' does not exist"]
+    assert world_error(cfg, 1) == [f"model.hf_dir '{missing}' does not exist (a local Hugging Face model folder "
+                                   "is expected)"]
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = dataclasses.replace(ready, model=dataclasses.replace(ready.model, hf_dir=str(empty)))
-    assert world_error(cfg, 1) == [f"model.hf_dir '{empty}' has no config.json"]
+    assert world_error(cfg, 1) == [f"model.hf_dir '{empty}' has no config.json (not a Hugging Face model folder)"]
     cfg = dataclasses.replace(ready, model=dataclasses.replace(ready.model, hf_dir=None))
     assert world_error(cfg, 1)[0].startswith("model.hf_dir and model.mcore_ckpt are both null")
     cfg = dataclasses.replace(ready, model=dataclasses.replace(ready.model, mcore_ckpt=str(missing)))
@@ -374,8 +387,7 @@ def test_a_megatron_checkpoint_with_hf_assets_can_be_the_only_model_source(ready
                                                                       mcore_ckpt=str(checkpoint)))
     [problem] = world_error(mcore_only, 1)
     assert problem.startswith("model.mcore_ckpt: ") and "hf_assets" in problem and problem.endswith("(or set model.hf_dir)")
-    (checkpoint / "hf_assets").mkdir()
-    (checkpoint / "hf_assets" / "config.json").write_text("{}")
+    stand_in_model(checkpoint / "hf_assets", weights=False)
     assert validate_for_world(mcore_only, 1) == 1
     # a run directory whose `latest` names the checkpoint works too
     (tmp_path / "latest").write_text("ckpt\n")
@@ -464,8 +476,7 @@ def test_tiny_cpu_example_loads_and_fits_1_2_and_4_processes(tmp_path, monkeypat
     cfg = load_config(EXAMPLE)
     assert cfg.model.hf_dir == "demo_out/models/warmup" and cfg.data.mode == "online"
     monkeypatch.chdir(tmp_path)  # the example's relative paths, created here
-    Path(cfg.model.hf_dir).mkdir(parents=True)
-    (Path(cfg.model.hf_dir) / "config.json").write_text("{}")
+    stand_in_model(Path(cfg.model.hf_dir))
     for path in (cfg.data.prompts, cfg.eval.prompts):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text("")
