@@ -42,8 +42,8 @@ from rift_megatron.convert.checkpoint_files import resolve_checkpoint
 from rift_megatron.data.lengths import length_budget, model_positions, render_within_budget
 from rift_megatron.data.prompts import load_prompts
 from rift_megatron.data.sampler import PromptSampler
+from rift_megatron.hf_folder import load_tokenizer
 from rift_megatron.models.hf_config import load_hf_config
-from rift_megatron.models.hf_folder import load_tokenizer
 from rift_megatron.parallel import (
     destroy_model_parallel,
     init_distributed,
