@@ -57,6 +57,7 @@ from rift_megatron.training.checkpoint import latest_checkpoint, load_training_c
 from rift_megatron.training.errors import NonFiniteTrainingError, TrainingInterrupted
 from rift_megatron.training.interrupts import StopRequest
 from rift_megatron.training.metrics import MetricsLogger
+from rift_megatron.training.preflight import check_checkpoint_dir, checkpoint_bytes, model_parameters
 from rift_megatron.training.setup import setup_training
 from rift_megatron.training.step import train_step
 
@@ -106,6 +107,10 @@ class Trainer:
         self.state = setup_training(self.arch, layout, to_optim_config(cfg), to_precision_config(cfg),
                                     total_steps=cfg.training.steps, initial_weights=initial,
                                     layer_impl=cfg.model.layer_impl)
+        if cfg.checkpoint.dir:  # refuse now a directory the first checkpoint could not be written to
+            parameters, weight_bytes = model_parameters(self.state.unwrapped_chunks(), ps.get_model_parallel_group())
+            needed = checkpoint_bytes(parameters, weight_bytes, cfg.optim.use_distributed_optimizer)
+            check_checkpoint_dir(cfg.checkpoint.dir, needed)
         self.settings = to_loss_settings(cfg)
         self.sync_tolerance = sync_check_tolerance(cfg)
         self.hf_assets = Path(self.model_folder)  # config + tokenizer files, copied into every checkpoint
