@@ -50,7 +50,7 @@ from rift_megatron.convert.errors import ConversionError
 from rift_megatron.convert.hf_to_mcore import inspect_source
 from rift_megatron.convert.mcore_to_hf import iter_hf_blocks
 from rift_megatron.convert.megatron_world import tp1_megatron_world
-from rift_megatron.models.hf_config import ModelArchitecture
+from rift_megatron.models.hf_config import ModelArchitecture, ModelConfigError
 from rift_megatron.models.provider import validate_layout
 from rift_megatron.parallel import ParallelLayout
 from rift_megatron.trust.admission import admit_checkpoint
@@ -77,13 +77,16 @@ class VerifyReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def compare_tensors(hf_dir: Path, checkpoint: Path, report: VerifyReport) -> None:
-    """Stream both sides one tensor at a time and record every difference."""
+def compare_tensors(hf_dir: Path, checkpoint: Path, arch: ModelArchitecture, report: VerifyReport) -> None:
+    """Stream both sides one tensor at a time and record every difference. The checkpoint is
+    read as its own hf_assets/config.json (`arch`) describes it, as the logits check's Megatron
+    workers will load it: a config that contradicts the stored tensors is refused here, naming
+    the tensor, before any worker starts."""
     source = inspect_source(hf_dir)
     seen: set[str] = set()
     mismatch: dict[str, float] = {}
     with tp1_megatron_world():
-        for name, first_row, restored in iter_hf_blocks(checkpoint, source.arch):
+        for name, first_row, restored in iter_hf_blocks(checkpoint, arch):
             rows = (first_row, first_row + restored.shape[0]) if restored.dim() else None
             original = source.reader.read(name, rows).to(restored.dtype)
             seen.add(name)
@@ -125,8 +128,21 @@ def megatron_logits_subprocess(
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         if result.returncode != 0 or not out_path.exists():
-            raise ConversionError(f"Megatron forward at TP{tp} PP{pp} failed:\n{result.stderr[-4000:]}")
+            raise ConversionError(f"Megatron forward at TP{tp} PP{pp} failed: {_worker_error(result.stderr)}")
         return torch.load(out_path, weights_only=True)
+
+
+_RANK_ERROR = re.compile(r"^\[rank(\d+)\]:\s*([\w.]*(?:Error|Exception|Interrupt)(?::.*)?)$")
+
+
+def _worker_error(stderr: str) -> str:
+    """The workers' exception in one line (`rank N: Type: message`, from torchrun's `[rankN]:`
+    traceback lines), else the last line they wrote: the CLI's error stays one line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if match := _RANK_ERROR.match(line):
+            return f"rank {match.group(1)}: {match.group(2)}"
+    return lines[-1] if lines else "no output"
 
 
 def load_reference_model(hf_dir: Path, layers: int | None = None) -> torch.nn.Module:
@@ -146,14 +162,17 @@ def load_reference_model(hf_dir: Path, layers: int | None = None) -> torch.nn.Mo
         config.num_hidden_layers = layers
         if getattr(config, "layer_types", None):  # per-layer attention kinds (transformers 5)
             config.layer_types = list(config.layer_types[:layers])
-    verbosity = hf_logging.get_verbosity()
+    verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar on stderr would be the only line there
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             hf_dir, config=config, dtype=torch.float32, output_loading_info=True
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+        if progress_bar:
+            hf_logging.enable_progress_bar()
     skipped = re.compile(r"model\.layers\.(\d+)\.")
     unexpected = [key for key in info["unexpected_keys"]
                   if layers is None or not (m := skipped.match(key)) or int(m.group(1)) < layers]
@@ -204,7 +223,10 @@ def check_layers(layers: int | None, arch: ModelArchitecture, tp: int, pp: int) 
                                   "build the same number of the compared layers")
         if layers == total:
             layers = None
-    validate_layout(dataclasses.replace(arch, num_layers=layers or total), ParallelLayout(tensor=tp, pipeline=pp))
+    try:
+        validate_layout(dataclasses.replace(arch, num_layers=layers or total), ParallelLayout(tensor=tp, pipeline=pp))
+    except ModelConfigError as error:
+        raise ConversionError(f"--tp {tp} --pp {pp} cannot split this model: {error}") from None
     return layers
 
 
@@ -249,7 +271,7 @@ def verify(
     arch = load_architecture(find_hf_assets(checkpoint))
     layers = check_layers(layers, arch, tp, pp)
     report = VerifyReport(num_layers=arch.num_layers, layers_compared=layers)
-    compare_tensors(hf_dir, checkpoint, report)
+    compare_tensors(hf_dir, checkpoint, arch, report)
     report.logits = compare_logits(hf_dir, checkpoint, tp, pp, batch, seq, layers)
     report.logits.update(atol=atol, min_top1=min_top1)
     report.checked = describe_checks(report, tp, pp)
