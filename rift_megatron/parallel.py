@@ -101,7 +101,24 @@ def init_distributed(timeout: timedelta = timedelta(minutes=30), cpu_only: bool 
     return platform
 
 
-def init_model_parallel(layout: ParallelLayout, seed: int | None) -> None:
+_ROLLOUT_WAIT_GROUP = None
+
+
+def init_rollout_wait_group(timeout: timedelta) -> None:
+    """Collective: the CPU gloo group in which ranks wait for every engine's rollout, with a
+    timeout of its own sized to a rollout (engines finish at different times; waiting inside a
+    training collective would hit its shorter timeout)."""
+    global _ROLLOUT_WAIT_GROUP
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        _ROLLOUT_WAIT_GROUP = dist.new_group(backend="gloo", timeout=timeout)
+
+
+def rollout_wait_group():
+    """The group of `init_rollout_wait_group` (None: the default group)."""
+    return _ROLLOUT_WAIT_GROUP
+
+
+def init_model_parallel(layout: ParallelLayout, seed: int | None, timeout_minutes: float = 30.0) -> None:
     """Initialise Megatron's TP/PP/DP groups for `layout` and seed its RNG tracker.
 
     `model_parallel_cuda_manual_seed` also reseeds the CPU generator on CPU (see cpu_compat), so
@@ -117,6 +134,7 @@ def init_model_parallel(layout: ParallelLayout, seed: int | None) -> None:
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        distributed_timeout_minutes=timeout_minutes,
     )
     if seed is not None:
         tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -57,6 +57,20 @@ def parity_reward(prompt: str, response: str, answer: str) -> bool:
     return len(response) % 2 == 0
 
 
+def late_on_rank0_reward(prompt: str, response: str, answer: str) -> bool:
+    """`parity_reward`, except that global rank 0's first verification of a run sleeps
+    RIFT_TEST_REWARD_SLEEP_S seconds (once: a marker file in RIFT_TEST_REWARD_MARKER_DIR): rank 0's
+    rollout finishes late, as behind a slower engine."""
+    import os
+    import time
+
+    marker = Path(os.environ["RIFT_TEST_REWARD_MARKER_DIR"]) / "slept"
+    if os.environ.get("RANK") == "0" and not marker.exists():
+        marker.write_text("1\n")
+        time.sleep(float(os.environ["RIFT_TEST_REWARD_SLEEP_S"]))
+    return parity_reward(prompt, response, answer)
+
+
 def arithmetic_lines(count: int, seed: int = 0) -> list[str]:
     """Synthetic math text the tokenizer is trained on."""
     rng = random.Random(seed)

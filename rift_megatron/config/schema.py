@@ -80,6 +80,11 @@ class ParallelConfig:
         None, "Virtual pipeline stages per rank (interleaved schedule, needs pipeline >= 2); null: off.", min=2
     )
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tensor >= 2).")
+    collective_timeout_minutes: float = _f(
+        30.0, "Timeout of every training collective (NCCL / gloo); a rank that waits longer stops the run with a "
+              "line naming the rank and the phase. Waiting for the slowest engine's rollout is not counted here: "
+              "see rollout.wait_timeout_minutes.", gt=0
+    )
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,10 @@ class RolloutConfig:
         None, "Engine context length; null: longest prompt + max_tokens.", min=1
     )
     cpu_kv_cache_gib: int = _f(1, "KV cache size on CPU, in GiB.", min=1)
+    wait_timeout_minutes: float = _f(
+        240.0, "How long ranks whose engines finished a rollout wait for the slowest one (in a CPU gloo group of "
+               "its own, outside the training collectives and their parallel.collective_timeout_minutes).", gt=0
+    )
     enable_sleep_mode: bool = _f(True, "Release engine memory while training (GPU only; a no-op on CPU).")
     sync_bucket_mb: int = _f(
         256,

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from rift_megatron.data.prompts import PromptRecord
 from rift_megatron.data.sampler import PromptSampler
+from rift_megatron.parallel import rollout_wait_group
 from rift_megatron.rollout.batching import Sample, build_train_batch
 from rift_megatron.rollout.engine import Generation, RolloutEngine, SamplingConfig
 from rift_megatron.rollout.errors import WeightSyncError
@@ -144,5 +145,7 @@ def _gather(local: list[ScoredGeneration], seconds: float) -> tuple[list[ScoredG
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local, seconds
     gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (local, seconds))
+    # Ranks whose engine finished first wait here for the slowest: in the rollout wait group (CPU,
+    # its own timeout), not in a training collective.
+    dist.all_gather_object(gathered, (local, seconds), group=rollout_wait_group())
     return [s for part, _ in gathered for s in part], max(t for _, t in gathered)

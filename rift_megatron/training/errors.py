@@ -30,6 +30,11 @@ class TrainingInterrupted(TrainingStopped):
         return signal.Signals(signum).name
 
 
+class CollectiveFailure(TrainingStopped):
+    """A collective timed out or lost a peer: the message names this rank, the phase it was in
+    and the config key of the timeout (another rank's own error says why it stopped)."""
+
+
 # What a training run's second Ctrl-C (KeyboardInterrupt) prints, from `rift train` or torchrun.
 INTERRUPTED_WITHOUT_SAVING = ("interrupted (second Ctrl-C): stopped without saving; the last complete checkpoint "
                               "is intact (a checkpoint being written never becomes `latest`)")

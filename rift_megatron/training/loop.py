@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -48,6 +49,7 @@ from rift_megatron.parallel import (
     destroy_model_parallel,
     init_distributed,
     init_model_parallel,
+    init_rollout_wait_group,
     is_main_rank,
     standalone_environment,
 )
@@ -56,6 +58,7 @@ from rift_megatron.rollout.batching import Sample, build_train_batch
 from rift_megatron.training.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from rift_megatron.training.errors import NonFiniteTrainingError, TrainingInterrupted
 from rift_megatron.training.interrupts import StopRequest
+from rift_megatron.training.phases import in_phase
 from rift_megatron.training.metrics import MetricsLogger
 from rift_megatron.training.preflight import check_checkpoint_dir, checkpoint_bytes, model_parameters
 from rift_megatron.training.setup import setup_training
@@ -93,14 +96,17 @@ class Trainer:
 
     def __init__(self, cfg: RiftConfig) -> None:
         self.cfg = cfg
-        init_distributed()
+        timeout = timedelta(minutes=cfg.parallel.collective_timeout_minutes)
+        init_distributed(timeout)
         self.dp_size = validate_for_world(cfg, dist.get_world_size())
         self.model_folder = model_folder(cfg)
         self.arch = load_hf_config(self.model_folder)
         self._read_prompts()  # before the model is converted or built: a prompt too long costs a second
         initial = initial_checkpoint(cfg)
         layout = to_parallel_layout(cfg)
-        init_model_parallel(layout, seed=cfg.training.seed)
+        init_model_parallel(layout, seed=cfg.training.seed, timeout_minutes=cfg.parallel.collective_timeout_minutes)
+        if cfg.data.mode == "online":
+            init_rollout_wait_group(timedelta(minutes=cfg.rollout.wait_timeout_minutes))
         from megatron.core import parallel_state as ps
 
         self.dp_rank = ps.get_data_parallel_rank()
@@ -188,6 +194,7 @@ class Trainer:
 
     # ---- pieces of an iteration -------------------------------------------------------------
 
+    @in_phase("training step")
     def _train_on(self, batch: dict, extra: dict, history: list, after_push: bool = False) -> None:
         """Optimizer steps over this rank's share `batch` in global batches; log each.
 
@@ -253,6 +260,7 @@ class Trainer:
                                    mult_error=metrics["token_mult_prob_error"], tokens=int(metrics["response_tokens"]))
         check_mismatch(mismatch, self.sync_tolerance, f"weight push before step {self.state.step + 1}")
 
+    @in_phase("weight push")
     def _sync(self) -> dict:
         from rift_megatron.rollout.weight_sync import push_weights
 
@@ -275,6 +283,7 @@ class Trainer:
         check_mismatch(mismatch, self.sync_tolerance, f"weight push for the evaluation at step {self.state.step}")
         return {"sync_logprob_diff_mean": mismatch.mean, "sync_logprob_diff_max": mismatch.max}
 
+    @in_phase("evaluation")
     def _evaluate(self) -> dict:
         from rift_megatron.rollout.evaluate import evaluate
 
@@ -291,6 +300,7 @@ class Trainer:
             metrics[f"eval_pass@{self.cfg.eval.k}"] = result[f"pass@{self.cfg.eval.k}"]
         return metrics
 
+    @in_phase("checkpoint save")
     def _checkpoint(self) -> Path:
         return save_training_checkpoint(
             self.cfg.checkpoint.dir, self.state,
@@ -358,6 +368,7 @@ class Trainer:
             self._checkpoint()
         return history
 
+    @in_phase("rollout (waiting for every engine's samples)", "rollout.wait_timeout_minutes")
     def _rollout_batch(self):
         from rift_megatron.rollout.loader import RolloutDataLoader
 
