@@ -251,5 +251,5 @@ def convert_hf_to_mcore(
             checksums = _write_with_processes(source, staging, target, nproc)
         copied = copy_hf_assets(source.hf_dir, staging / HF_ASSETS)
         write_json(staging / MANIFEST, _manifest(source, target, checksums, copied))
-        write_checksums(staging)
+        write_checksums(staging, unlisted=(HF_ASSETS,))
     return out_dir

@@ -64,6 +64,7 @@ def _save_sharded(sharded: dict, directory: Path, rank0_files=None, every_rank_f
     place, then run `after_rename` on rank 0 (e.g. move the `latest` pointer)."""
     from megatron.core import dist_checkpointing
 
+    from rift_megatron.convert.checkpoint_files import HF_ASSETS
     from rift_megatron.staging import replace_directory
     from rift_megatron.trust.checksums import write_checksums
 
@@ -79,7 +80,7 @@ def _save_sharded(sharded: dict, directory: Path, rank0_files=None, every_rank_f
     dist_checkpointing.save(sharded, str(staging))
     _barrier()
     if _rank() == 0:
-        write_checksums(staging)
+        write_checksums(staging, unlisted=(HF_ASSETS,))
         replace_directory(staging, directory)
         if after_rename is not None:
             after_rename()

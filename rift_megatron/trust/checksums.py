@@ -8,13 +8,16 @@ staging directory, before the rename that makes the checkpoint visible; every lo
     {"algorithm": "sha256", "files": {"<relative path>": {"size": <bytes>, "sha256": "<hex>"}}}
 
 Files added to the directory later are not listed and not checked (nothing we load is outside
-the listed files: `.metadata` names the data files, and it is listed).
+the listed files: `.metadata` names the data files, and it is listed). Folders the writer names
+as `unlisted` are left out too: `hf_assets/` (config and tokenizer files copied from the source
+model), which may be kept once per run directory instead of in each checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from pathlib import Path
 
 from rift_megatron.trust.errors import UntrustedCheckpointError
@@ -27,9 +30,11 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def write_checksums(directory: Path) -> None:
-    """Record every file under `directory` (call when nothing else will be written to it)."""
-    files = sorted(path for path in directory.rglob("*") if path.is_file() and path.name != CHECKSUMS_FILE)
+def write_checksums(directory: Path, unlisted: Collection[str] = ()) -> None:
+    """Record every file under `directory` but those in its `unlisted` folders (call when
+    nothing else will be written to it)."""
+    files = sorted(path for path in directory.rglob("*") if path.is_file() and path.name != CHECKSUMS_FILE
+                   and path.relative_to(directory).parts[0] not in unlisted)
     listing = {path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
                for path in files}
     payload = {"algorithm": "sha256", "files": listing}
