@@ -10,14 +10,8 @@ from rift_megatron.convert import cli as convert_cli
 from rift_megatron.demo import pipeline as demo_pipeline
 from rift_megatron import train as train_entry
 from rift_megatron.rollout import cli as rollout_cli
+from rift_megatron.exits import run_reporting
 from rift_megatron.rollout import eval_cli
-from rift_megatron.rollout.errors import WeightSyncError
-from rift_megatron.staging import OutputExistsError
-from rift_megatron.training.errors import INTERRUPTED_WITHOUT_SAVING, TrainingStopped
-
-# Bad input (files, fields, flag values) is reported as one line; ConversionError,
-# ModelConfigError and PromptFileError are ValueError subclasses or listed here.
-USER_ERRORS = (ValueError, FileNotFoundError, OutputExistsError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,24 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    try:
-        return args.handler(args)
-    except USER_ERRORS as error:
-        # Bad input is reported as one clear line naming the file / field, not a traceback.
-        print(f"rift {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except WeightSyncError as error:  # a failed sync check: the run stopped before the weights moved
-        print(f"rift {args.command}: error: {error}", file=sys.stderr)
-        return 1
-    except TrainingStopped as error:  # rift train: a signal or non-finite steps, stopped at a safe point
-        print(f"rift {args.command}: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        # Outputs are staged and renamed into place only when complete, so nothing half-written is
-        # left; a training run keeps its last checkpoint (the first Ctrl-C of `rift train` saves one).
-        what = INTERRUPTED_WITHOUT_SAVING if args.command == "train" else "interrupted: stopped without writing partial output"
-        print(f"rift {args.command}: {what}", file=sys.stderr)
-        return 130
+    return run_reporting(args.command, lambda: args.handler(args))
 
 
 if __name__ == "__main__":

@@ -45,28 +45,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rift_megatron.config import ConfigError
-    from rift_megatron.rollout.errors import WeightSyncError
-    from rift_megatron.training.errors import INTERRUPTED_WITHOUT_SAVING, TrainingStopped
-    from rift_megatron.trust.errors import UntrustedCheckpointError
+    from rift_megatron.exits import run_reporting
 
     parser = argparse.ArgumentParser(prog="rift_megatron.train", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ConfigError, FileNotFoundError, UntrustedCheckpointError) as error:
-        print(f"rift train: error: {error}", file=sys.stderr)
-        return 2
-    except WeightSyncError as error:  # every rank stops here, before the weights moved
-        print(f"rift train: error: {error}", file=sys.stderr)
-        return 1
-    except TrainingStopped as error:  # a signal or non-finite steps: stopped at a safe point
-        print(f"rift train: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:  # the second Ctrl-C: stopped at once
-        print(f"rift train: {INTERRUPTED_WITHOUT_SAVING}", file=sys.stderr)
-        return 130
+    return run_reporting("train", lambda: run(args))
 
 
 if __name__ == "__main__":

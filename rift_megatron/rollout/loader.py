@@ -26,7 +26,7 @@ from rift_megatron.data.sampler import PromptSampler
 from rift_megatron.parallel import rollout_wait_group
 from rift_megatron.rollout.batching import Sample, build_train_batch
 from rift_megatron.rollout.engine import Generation, RolloutEngine, SamplingConfig
-from rift_megatron.rollout.errors import WeightSyncError
+from rift_megatron.rollout.errors import RolloutFailure, WeightSyncError
 from rift_megatron.rollout.rewards import RewardResult
 from rift_megatron.rollout.verifier_pool import VerifierPool
 from rift_megatron.training.batch import TrainBatch
@@ -105,9 +105,18 @@ class RolloutDataLoader:
         # Positions in the global batch (a prompt can appear twice across an epoch boundary).
         mine = _split(range(len(global_prompts)), engines)[rank // self.engine_tp]
         started = time.perf_counter()
-        generations = self.engine.generate(
-            [self.prompt_ids[global_prompts[p]] for p in mine], self.k, self.sampling, step=step, prompt_indices=mine
-        )
+        try:
+            generations = self.engine.generate(
+                [self.prompt_ids[global_prompts[p]] for p in mine], self.k, self.sampling, step=step, prompt_indices=mine
+            )
+        except ValueError:
+            raise  # a request the engine refuses: bad input, reported as such
+        except Exception as error:  # the engine died or broke: say so, not vLLM's internals
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise RolloutFailure(
+                f"rank {rank}: the rollout engine failed while generating rollout {step} "
+                f"({type(error).__name__}: {first}); the last checkpoint is intact: continue with --resume auto"
+            ) from error
         seconds = time.perf_counter() - started
         is_leader = rank % self.engine_tp == 0
         scores = self.pool.score_all([

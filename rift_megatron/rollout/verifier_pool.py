@@ -27,6 +27,7 @@ import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection, wait
 
+from .errors import RolloutFailure
 from .rewards import _FUNCTION_CACHE, RewardResult, RewardSpec, load_reward_function, score_sample
 
 logger = logging.getLogger(__name__)
@@ -249,7 +250,7 @@ class VerifierPool:
             self._start_failures += 1
             if self._start_failures >= MAX_START_FAILURES:
                 self.close()
-                raise RuntimeError(
+                raise RolloutFailure(
                     f"reward verifier workers keep failing to start ({reason}); spec={self.spec!r}. "
                     "Check that math-verify is installed, that a reward function's module imports in a fresh "
                     "process, and that a script creating the pool guards it with `if __name__ == \"__main__\":` "

@@ -264,3 +264,47 @@ def test_kill_9_at_a_random_point_then_resume_gives_the_uninterrupted_result(off
     final = _steps(run_dir)[-1]
     assert final["step"] == KILL_RUN_STEPS
     assert {k: final[k] for k in COMPARED} == {k: uninterrupted[KILL_RUN_STEPS][k] for k in COMPARED}
+
+
+# Loaded by the run's interpreter (sitecustomize on PYTHONPATH): vLLM's LLM.generate raises vLLM's
+# own EngineDeadError on its Nth call, as when the engine core dies mid-rollout.
+_ENGINE_DIES_HOOK = """
+import os
+import vllm
+from vllm.v1.engine.exceptions import EngineDeadError
+_generate = vllm.LLM.generate
+_calls = [0]
+def _dying_generate(self, *args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] == int(os.environ["RIFT_TEST_ENGINE_DIES_AT_CALL"]):
+        raise EngineDeadError()
+    return _generate(self, *args, **kwargs)
+vllm.LLM.generate = _dying_generate
+"""
+
+
+def test_an_engine_dying_mid_rollout_is_named_and_resume_continues(offline_setup) -> None:
+    from tests.distributed.launch import online_overrides
+    from tests.rollout_fixtures import write_jsonl
+
+    work = offline_setup["work"] / "engine_dies"
+    hook = work / "hook"
+    hook.mkdir(parents=True)
+    (hook / "sitecustomize.py").write_text(_ENGINE_DIES_HOOK)
+    env = subprocess_env(RIFT_TEST_ENGINE_DIES_AT_CALL="3")  # the first 2 rollouts succeed
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), env["PYTHONPATH"]])
+    prompts = write_jsonl(work / "prompts.jsonl", arithmetic_prompts(8))
+    overrides = online_overrides(prompts, work / "run", 4, **{
+        "model.hf_dir": offline_setup["model"]["hf"], "model.mcore_ckpt": offline_setup["model"]["mcore"],
+        "rollout.engine_dtype": "float32", "checkpoint.dir": work / "checkpoints", "checkpoint.interval": 1})
+    died = subprocess.run(train_command(overrides, 1), env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert died.returncode == 1, died.stderr[-4000:]
+    assert "Traceback" not in died.stderr, died.stderr[-4000:]
+    last = _stderr_lines(died.stderr)[-1]
+    assert "rank 0: the rollout engine failed while generating rollout 2 (EngineDeadError" in last, last
+    assert (work / "checkpoints" / "latest").read_text().strip() == "iter_0000002"
+    resumed = subprocess.run(train_command(overrides + ["--resume", "auto"], 1), env=subprocess_env(), cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert [m["step"] for m in _steps(work / "run")][-2:] == [3, 4]
