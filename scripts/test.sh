@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
-exec .venv/bin/python -m pytest -q --timeout=1200 "$@"
+# Two workers (RIFT_TEST_WORKERS; 0 = serial): multi-process tests stay on one of them, one at a
+# time (tests/conftest.py), single-process tests run on the other.
+exec .venv/bin/python -m pytest -q --timeout=1200 -n "${RIFT_TEST_WORKERS:-2}" --dist loadgroup "$@"
