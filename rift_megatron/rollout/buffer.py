@@ -5,12 +5,16 @@
     <out>/manifest.json     model, sampling and reward settings, counts, accuracy, pass@k
 
 `datasets.load_dataset("parquet", data_files=f"{out}/*.parquet")` reads the buffer; the trainer's
-offline mode reads it with `load_buffer`.
+offline mode reads it with `load_buffer`, which checks it first: a buffer is input (written by an
+earlier run, another tool, or edited by hand), and a NaN reward or a response with no tokens would
+otherwise become a NaN loss or an index error steps into training. Every problem is one
+:class:`BufferFileError` line naming the file, the column and, for a value, the row.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +25,27 @@ from rift_megatron.rollout.rewards import pass_at_k
 BUFFER_FILE = "rollout.parquet"
 MANIFEST_FILE = "manifest.json"
 COLUMNS = ("prompt_id", "prompt", "response", "prompt_ids", "response_ids", "behavior_logprobs", "reward", "correct")
+# What each column must hold, as Arrow types: (description, test of the type)
+_KINDS = {
+    "integers": lambda t, pa: pa.types.is_integer(t),
+    "strings": lambda t, pa: pa.types.is_string(t) or pa.types.is_large_string(t),
+    "booleans": lambda t, pa: pa.types.is_boolean(t),
+    "numbers": lambda t, pa: pa.types.is_integer(t) or pa.types.is_floating(t),
+    "lists of integers": lambda t, pa: _is_list(t, pa) and pa.types.is_integer(t.value_type),
+    "lists of numbers": lambda t, pa: _is_list(t, pa) and (pa.types.is_floating(t.value_type)
+                                                           or pa.types.is_integer(t.value_type)),
+}
+COLUMN_KINDS = {"prompt_id": "integers", "prompt": "strings", "response": "strings", "prompt_ids": "lists of integers",
+                "response_ids": "lists of integers", "behavior_logprobs": "lists of numbers", "reward": "numbers",
+                "correct": "booleans"}
+
+
+class BufferFileError(ValueError):
+    """An offline buffer that cannot be trained on; the message names the file, column and row."""
+
+
+def _is_list(arrow_type, pa) -> bool:
+    return pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
 
 
 @dataclass(frozen=True)
@@ -63,15 +88,49 @@ def write_buffer(directory: Path, rows: Sequence[BufferRow], manifest: dict) -> 
 
 
 def load_buffer(directory: str | Path) -> list[BufferRow]:
-    """Read a buffer back (errors name the directory and the missing piece)."""
-    from datasets import load_dataset
+    """Read a buffer back, checked: its columns and their types, then every row (no nulls, at least
+    one prompt and one response token, one finite behaviour log-prob per response token, a finite
+    reward). Raises BufferFileError (FileNotFoundError without the file), one line."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     directory = Path(directory)
     path = directory / BUFFER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: not a rollout buffer (no {BUFFER_FILE})")
-    table = load_dataset("parquet", data_files=str(path), split="train")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise BufferFileError(f"{path}: cannot read Parquet file: {type(error).__name__}: {error}") from None
     missing = [name for name in COLUMNS if name not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}")
-    return [BufferRow(**{name: record[name] for name in COLUMNS}) for record in table]
+        raise BufferFileError(f"{path}: missing column(s) {missing} (columns: {table.column_names}); "
+                              "write buffers with `rift rollout`")
+    for name, kind in COLUMN_KINDS.items():
+        arrow_type = table.schema.field(name).type
+        if not _KINDS[kind](arrow_type, pa):
+            raise BufferFileError(f"{path}: column {name!r} must hold {kind}, holds {arrow_type}")
+    columns = {name: table[name].to_pylist() for name in COLUMNS}
+    rows = []
+    for index in range(table.num_rows):
+        record = {name: columns[name][index] for name in COLUMNS}
+        _check_row(record, f"{path}: row {index} (0-based)")
+        rows.append(BufferRow(**record))
+    return rows
+
+
+def _check_row(record: dict, where: str) -> None:
+    for name, value in record.items():
+        if value is None or (isinstance(value, list) and any(item is None for item in value)):
+            raise BufferFileError(f"{where}: column {name!r} holds a null")
+    for name in ("prompt_ids", "response_ids"):
+        if not record[name]:
+            raise BufferFileError(f"{where}: column {name!r} is empty (a sample needs at least one token)")
+    logprobs, tokens = len(record["behavior_logprobs"]), len(record["response_ids"])
+    if logprobs != tokens:
+        raise BufferFileError(f"{where}: column 'behavior_logprobs' has {logprobs} values for {tokens} tokens in "
+                              "'response_ids' (one log-prob per response token)")
+    if not math.isfinite(record["reward"]):
+        raise BufferFileError(f"{where}: column 'reward' is {record['reward']} (rewards must be finite)")
+    if not all(math.isfinite(value) for value in record["behavior_logprobs"]):
+        raise BufferFileError(f"{where}: column 'behavior_logprobs' holds a non-finite value")

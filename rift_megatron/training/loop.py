@@ -102,6 +102,7 @@ class Trainer:
         self.model_folder = model_folder(cfg)
         self.arch = load_hf_config(self.model_folder)
         self._read_prompts()  # before the model is converted or built: a prompt too long costs a second
+        self.buffer = self._read_buffer()  # likewise a bad offline buffer
         initial = initial_checkpoint(cfg)
         layout = to_parallel_layout(cfg)
         init_model_parallel(layout, seed=cfg.training.seed, timeout_minutes=cfg.parallel.collective_timeout_minutes)
@@ -168,14 +169,19 @@ class Trainer:
         if evaluates:
             self.eval_records, self.eval_ids = read(cfg.eval.prompts, eval_tokens, eval_key)
 
+    def _read_buffer(self) -> list | None:
+        """The offline buffer's rows, checked (rift_megatron.rollout.buffer.load_buffer); None online."""
+        if self.cfg.data.mode != "offline":
+            return None
+        from rift_megatron.rollout.buffer import load_buffer
+
+        return load_buffer(self.cfg.data.buffer)
+
     def _build_data(self) -> None:
         cfg = self.cfg
         if cfg.data.mode == "online":
             self.sampler = PromptSampler(len(self.records), cfg.data.prompts_per_step, seed=cfg.training.seed, shuffle=cfg.data.shuffle)
         else:
-            from rift_megatron.rollout.buffer import load_buffer
-
-            self.buffer = load_buffer(cfg.data.buffer)
             self.sampler = PromptSampler(len(self.buffer), cfg.training.global_batch_size, seed=cfg.training.seed, shuffle=cfg.data.shuffle)
         if self._sampler_state is not None:
             self.sampler.load_state_dict(self._sampler_state)
