@@ -10,6 +10,7 @@ the path came from. Torch-free: `rift train` runs these checks before importing 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,34 @@ class ModelFolderError(ValueError):
 
 
 def safetensors_problem(folder: Path) -> str | None:
-    """None if `folder` holds safetensors weights, else what it holds instead (one phrase)."""
-    if any(folder.glob("*.safetensors")):
-        return None
+    """None if `folder` holds safetensors weights as long as their headers say, else what is wrong
+    (one phrase): no safetensors (and what it holds instead), or a file cut short."""
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return next(filter(None, map(_cut_short, files)), None)
     pickled = sorted(path.name for pattern in _PICKLE_WEIGHTS for path in folder.glob(pattern))
     found = f" (it holds {', '.join(pickled[:3])}{' ...' if len(pickled) > 3 else ''})" if pickled else ""
     return (f"has no *.safetensors weights{found}; .bin / PyTorch pickle checkpoints are not supported: convert "
             "them with transformers `model.save_pretrained(dir, safe_serialization=True)`")
+
+
+def _cut_short(path: Path) -> str | None:
+    """What is wrong with a safetensors file's length (an interrupted download or copy), or None.
+    Only the header's length and the largest tensor end offset are read: vLLM would otherwise fail
+    deep in its weight loader ("incomplete metadata, file not fully covered"); the converter's
+    reader (convert/safetensors_io.py) checks every entry of the header itself."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        try:
+            header = json.loads(handle.read(length)) if 8 + length <= size else None
+            ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+            needed = 8 + length + max(ends, default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return f"has {path.name}, which is not a readable safetensors file (its header is truncated or malformed)"
+    if size < needed:
+        return f"has {path.name}, which is truncated: its header needs {needed} bytes, the file has {size}"
+    return None
 
 
 def folder_problem(folder: str | Path, *, weights: bool = False, tokenizer: bool = True) -> str | None:

@@ -53,7 +53,7 @@ def run_rollout(args: argparse.Namespace) -> int:
     check_writable(out, args.overwrite)
     if args.k < 1:
         raise ValueError(f"-k must be >= 1, got {args.k}")
-    check_model_folder(args.model, "--model")
+    check_model_folder(args.model, "--model", weights=True)
     budget = length_budget(args.model, args.max_tokens, "--max-tokens", max_model_len=args.max_model_len)
     records = load_prompts(args.prompts, prompt_field=args.prompt_field, answer_field=args.answer_field)
     tokenizer = load_tokenizer(args.model, "--model")

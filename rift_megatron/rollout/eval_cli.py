@@ -40,7 +40,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
         folder, name = checkpoint_hf_assets(args.ckpt), "--ckpt"
     else:
-        folder, name = check_model_folder(args.model, "--model"), "--model"
+        folder, name = check_model_folder(args.model, "--model", weights=True), "--model"
     budget = length_budget(folder, args.max_tokens, "--max-tokens")
     records = load_prompts(args.prompts, prompt_field=args.prompt_field, answer_field=args.answer_field)
     prompt_ids = render_within_budget(load_tokenizer(folder, name), records, budget, chat_template=args.chat_template)
