@@ -22,6 +22,13 @@ EXPECTED_WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     ("torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to (load|save) in a "
      "single process", UserWarning,
      "conversion reads and writes checkpoints in one process on purpose (`no_dist=True`)"),
+    ("`load_state_dict` is deprecated and will be removed in future versions. Please use `load` instead.",
+     FutureWarning,
+     "Megatron-Core's torch_dist strategy loads every checkpoint (initial weights, resume) through DCP's "
+     "`load_state_dict`; ours to change only by changing Megatron"),
+    ("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning,
+     "Megatron-Core's distributed checkpoints are ShardedTensors by design; DCP's load planner says so "
+     "for every load"),
 )
 
 
