@@ -285,7 +285,7 @@ def markdown(results: dict) -> str:
                          f"{p['sign_test_p']:.3f} | {verdict(p)} |")
         lines.append("")
     lines += ["![paired differences per seed](paper_study_results.png)", "",
-              f"Running time: {results['span_minutes']:.0f} min from the first data file to the last finished run "
+              f"Running time: {results['span_minutes']:.0f} min from the study's first file to its last finished run "
               f"({results['run_minutes']:.0f} min of `rift train` wall time summed over the runs), "
               f"on {results['machine']}.", ""]
     return "\n".join(lines)
@@ -399,12 +399,13 @@ def binomial_se(accuracy: float, problems: int) -> float:
 
 
 def study_times(out: Path) -> tuple[float, float, float]:
-    """(first data file's mtime, last finished run's mtime, sum of the runs' own seconds): the
+    """(oldest file's creation, last finished run's mtime, sum of the runs' own seconds): the
     study's running time, also when it was interrupted and continued or run in parts."""
-    data = [f.stat().st_mtime for f in out.glob("*/data/*.jsonl")]
-    results = list(out.rglob("study_result.json"))
+    files = [f for f in out.rglob("*") if f.is_file()]
+    results = [f for f in files if f.name == "study_result.json"]
     seconds = sum(json.loads(f.read_text()).get("seconds", 0) for f in results)
-    return min(data, default=0.0), max((f.stat().st_mtime for f in results), default=0.0), seconds
+    return (min((f.stat().st_ctime for f in files), default=0.0),  # ctime: copies keep their source mtime
+            max((f.stat().st_mtime for f in results), default=0.0), seconds)
 
 
 def machine() -> str:
