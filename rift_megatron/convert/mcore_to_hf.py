@@ -157,8 +157,10 @@ def _read_block(checkpoint: Path, region: Region, dtype: torch.dtype) -> torch.T
         cause = causes[0] if causes else error
         files = _files_holding(checkpoint, region.key)
         missing = [name for name in files if not (checkpoint / name).is_file()]
-        reason = f"{', '.join(missing)} does not exist" if missing else (
-            f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}")
+        detail = (str(cause).strip().splitlines() or [""])[0]
+        reason = (f"{', '.join(missing)} does not exist" if missing else
+                  "the file ends early (truncated: an interrupted copy or write?)" if isinstance(cause, EOFError) else
+                  f"{type(cause).__name__}: {detail}")
         raise ConversionError(f"{checkpoint}: cannot read stored tensor {region.key!r} "
                               f"(from {', '.join(files)}): {reason}") from None
     return block

@@ -66,6 +66,22 @@ def test_a_truncated_data_file_is_one_line_naming_it(model, tmp_path, step):
     assert not out.exists()
 
 
+def test_a_truncated_data_file_without_checksums_is_named_when_read(model, tmp_path):
+    """A checkpoint with no rift_checksums.json (another tool's) gets its warning line; the cut
+    file is then found where its tensor is read, and named (DCP's own error is a bare EOFError)."""
+    checkpoint = _checkpoint_copy(model, tmp_path)
+    (checkpoint / "rift_checksums.json").unlink()
+    data = checkpoint / DATA_FILE
+    os.truncate(data, data.stat().st_size // 2)
+    out = tmp_path / "out"
+    result = run_rift("convert", "mcore-to-hf", "--ckpt", str(checkpoint), "--out", str(out))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 2, result.stderr[-4000:]
+    assert lines[0].startswith("warning:") and "rift_checksums.json" in lines[0], lines[0]
+    assert lines[1].startswith("rift convert: error: ") and DATA_FILE in lines[1] and "truncated" in lines[1], lines[1]
+    assert not out.exists()
+
+
 def test_verify_refuses_a_checkpoint_whose_config_contradicts_its_tensors(model, tmp_path):
     """Before: its Megatron workers failed to load the checkpoint, 61 lines of tracebacks."""
     checkpoint = _checkpoint_copy(model, tmp_path)
