@@ -3,6 +3,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
-# Two workers (RIFT_TEST_WORKERS; 0 = serial): multi-process tests stay on one of them, one at a
-# time (tests/conftest.py), single-process tests run on the other.
-exec .venv/bin/python -m pytest -q --timeout=1200 -n "${RIFT_TEST_WORKERS:-2}" --dist loadgroup "$@"
+# With arguments: one pytest run with them. Without (the whole suite, as CI runs it): two pytest
+# runs side by side, so both cores stay busy: the multi-process tests (torchrun worlds, the demo,
+# the real model) one at a time in one, the single-process unit tests in the other; the second's
+# output follows the first's, and either failing fails the script.
+if [[ $# -gt 0 ]]; then
+  exec .venv/bin/python -m pytest -q --timeout=1200 "$@"
+fi
+log="$(mktemp)"
+.venv/bin/python -m pytest -q --timeout=1200 tests/distributed tests/e2e tests/real_model >"$log" 2>&1 &
+multi=$!
+status=0
+.venv/bin/python -m pytest -q --timeout=1200 tests/unit || status=$?
+wait "$multi" || status=$?
+echo "---- tests/distributed tests/e2e tests/real_model ----"
+cat "$log"
+rm -f "$log"
+exit "$status"
