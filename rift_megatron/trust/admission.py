@@ -21,28 +21,30 @@ from rift_megatron.trust.checksums import CHECKSUMS_FILE, verify_checksums
 from rift_megatron.trust.errors import UntrustedCheckpointError
 
 
-def admit_checkpoint(directory: Path) -> None:
-    """Refuse `directory` unless its recorded checksums match and its pickles hold only data."""
+def admit_checkpoint(directory: Path, checksums: bool = True) -> None:
+    """Refuse `directory` unless its recorded checksums match and its pickles hold only data.
+    `checksums=False`: the caller's parent process has just checked them (verify's workers), so
+    only the pickles are checked here (reading every file again would defeat `verify --layers`)."""
     from rift_megatron.trust.unpickle import check_pickled_parts
 
-    if not verify_checksums(directory):
+    if checksums and not verify_checksums(directory):
         print(f"warning: {directory}: no {CHECKSUMS_FILE} (written by another tool or an older rift-megatron), "
               "so its files cannot be checked for corruption", file=sys.stderr)
     check_pickled_parts(directory)
 
 
-def admit_checkpoint_collectively(directory: Path) -> None:
+def admit_checkpoint_collectively(directory: Path, checksums: bool = True) -> None:
     """`admit_checkpoint` on global rank 0 (the files are read once, not once per rank); every
     rank raises the same error if it refused."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        admit_checkpoint(directory)
+        admit_checkpoint(directory, checksums)
         return
     outcome: list[str | None] = [None]
     if dist.get_rank() == 0:
         try:
-            admit_checkpoint(directory)
+            admit_checkpoint(directory, checksums)
         except UntrustedCheckpointError as error:
             outcome[0] = str(error)
     dist.broadcast_object_list(outcome, src=0)
@@ -50,7 +52,8 @@ def admit_checkpoint_collectively(directory: Path) -> None:
         raise UntrustedCheckpointError(outcome[0])
 
 
-def load_megatron_checkpoint(sharded_state_dict: dict, directory: Path, **options: Any) -> dict:
+def load_megatron_checkpoint(sharded_state_dict: dict, directory: Path, checksums: bool = True,
+                             **options: Any) -> dict:
     """Collective: admit `directory`, then `megatron.core.dist_checkpointing.load` it (with
     `options`) with DCP's metadata and object reads restricted and `common.pt` loaded
     `weights_only=True` whatever the environment says."""
@@ -64,7 +67,7 @@ def load_megatron_checkpoint(sharded_state_dict: dict, directory: Path, **option
             path = Path(checkpoint_dir) / COMMON_STATE_FNAME
             return load_weights_only(path, path)
 
-    admit_checkpoint_collectively(directory)
+    admit_checkpoint_collectively(directory, checksums)
     with restricted_dcp_loading():
         return dist_checkpointing.load(sharded_state_dict, str(directory), common_strategy=WeightsOnlyCommonLoad(),
                                        **options)

@@ -296,14 +296,18 @@ def test_config_from_dict_checks_like_load_config():
 
 def stand_in_model(folder: Path, weights: bool = True) -> Path:
     """A model folder the checks accept: a valid config.json (4096 positions, so any response
-    length fits), a tokenizer file and a weights file, by name (validate_for_world reads neither)."""
+    length fits), a tokenizer file (by name: validate_for_world does not load it) and a weights
+    file whose safetensors header is sound (it is checked: a cut download is refused)."""
+    import torch
+    from safetensors.torch import save_file
+
     from rift_megatron.models.presets import tiny_hf_config
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(tiny_hf_config(max_position_embeddings=4096)))
     (folder / "tokenizer.json").write_text("{}")
     if weights:
-        (folder / "model.safetensors").write_bytes(b"")
+        save_file({"stand_in": torch.zeros(1)}, str(folder / "model.safetensors"))
     return folder
 
 

@@ -121,7 +121,7 @@ def _truncate_last_stored_tensor(ckpt: Path) -> list[str]:
 def _remove_distcp(ckpt: Path) -> list[str]:
     (distcp,) = ckpt.glob("*.distcp")
     distcp.unlink()
-    return [distcp.name, "does not exist"]
+    return [distcp.name]  # found missing where its first stored object or tensor is read
 
 
 @pytest.mark.distributed  # --nproc 2 cases: two spawned export processes
@@ -133,15 +133,22 @@ def _remove_distcp(ckpt: Path) -> list[str]:
 def test_unreadable_checkpoint_file_is_one_line_and_leaves_no_output(llama, tmp_path, corrupt, nproc):
     """A cut .distcp file fails one export process (the one that needs the cut tensor; the other
     is stopped), a removed one fails every process: either way the real CLI prints one line
-    naming the tensor / file, exits 2 and leaves neither output nor staging directory."""
+    naming the tensor / file, exits 2 and leaves neither output nor staging directory.
+
+    The checkpoint is one without rift_checksums.json (another tool's), so the damage is found
+    where the tensors are read, not up front (that refusal: test_convert_refusals.py); the line
+    follows the one warning that its files cannot be checked."""
     ckpt = Path(shutil.copytree(llama["ckpt"], tmp_path / "ckpt"))
+    (ckpt / "rift_checksums.json").unlink()
     fragments = corrupt(ckpt)
     out = tmp_path / "export"
     result = run_subprocess(["-m", "rift_megatron.cli", "convert", "mcore-to-hf", "--ckpt", str(ckpt), "--out",
                              str(out), "--max-shard-size", EXPORT_SHARD, "--nproc", str(nproc)],
                             PYTHONWARNINGS="ignore")
     assert result.returncode == 2, result.stderr[-3000:]
-    assert_one_error_line(result.stderr, "cannot read stored tensor", *fragments)
+    warning, _, rest = result.stderr.strip().partition("\n")
+    assert warning.startswith("warning: ") and "rift_checksums.json" in warning, result.stderr[-3000:]
+    assert_one_error_line(rest, "cannot read stored", *fragments)
     assert not out.exists() and not leftovers(out)
 
 
