@@ -195,7 +195,7 @@ def bad_file_runs(model, tmp_path_factory) -> dict:
         out = work / f"out-{name}"
         process = subprocess.Popen(
             [sys.executable, "-m", "rift_megatron.cli", "rollout", "--model", str(model["hf"]), "--prompts", str(path),
-             "-k", "2", "--out", str(out)],
+             "-k", "2", "--max-tokens", "8", "--out", str(out)],  # 8: the default 512 fills the tiny model's context
             env=subprocess_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         runs[name] = (path, out, process)
