@@ -42,5 +42,12 @@ def run_reporting(command: str, body: Callable[[], int]) -> int:
         return 130
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message ("" if it has none): what a one-line report quotes of
+    a library's multi-line error."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 def _say(command: str, text: str) -> None:
     print(f"rift {command}: {text}", file=sys.stderr, flush=True)

@@ -105,6 +105,7 @@ def load_tokenizer(folder: str | Path, name: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, ImportError, KeyError, TypeError) as error:
-        lines = str(error).strip().splitlines()
+        from rift_megatron.exits import first_line
+
         raise ModelFolderError(f"{name} {str(folder)!r}: cannot load its tokenizer: {type(error).__name__}: "
-                               f"{lines[0] if lines else ''}") from None
+                               f"{first_line(error)}") from None

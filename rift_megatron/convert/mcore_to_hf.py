@@ -28,6 +28,7 @@ from rift_megatron.convert.checkpoint_files import (
     resolve_checkpoint,
 )
 from rift_megatron.convert.errors import ConversionError
+from rift_megatron.exits import first_line
 from rift_megatron.convert.hf_to_mcore import TARGET_DTYPES, cast_checked
 from rift_megatron.convert.processes import run_in_processes, split_by_size
 from rift_megatron.convert.dcp_reader import Region, read_metadata, read_regions
@@ -157,10 +158,9 @@ def _read_block(checkpoint: Path, region: Region, dtype: torch.dtype) -> torch.T
         cause = causes[0] if causes else error
         files = _files_holding(checkpoint, region.key)
         missing = [name for name in files if not (checkpoint / name).is_file()]
-        detail = (str(cause).strip().splitlines() or [""])[0]
         reason = (f"{', '.join(missing)} does not exist" if missing else
                   "the file ends early (truncated: an interrupted copy or write?)" if isinstance(cause, EOFError) else
-                  f"{type(cause).__name__}: {detail}")
+                  f"{type(cause).__name__}: {first_line(cause)}")
         raise ConversionError(f"{checkpoint}: cannot read stored tensor {region.key!r} "
                               f"(from {', '.join(files)}): {reason}") from None
     return block

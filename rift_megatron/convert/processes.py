@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from rift_megatron.convert.errors import ConversionError
+from rift_megatron.exits import first_line
 from rift_megatron.parallel import standalone_environment
 
 T = TypeVar("T")
@@ -63,8 +64,7 @@ def _run_job(worker: Callable[..., Any], job: tuple, outcome: str) -> None:
 
 
 def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else repr(error)
+    return first_line(error) or repr(error)
 
 
 def run_in_processes(worker: Callable[..., Any], jobs: Sequence[tuple]) -> list[Any]:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from rift_megatron.data.prompts import PromptRecord
 from rift_megatron.data.sampler import PromptSampler
+from rift_megatron.exits import first_line
 from rift_megatron.parallel import rollout_wait_group
 from rift_megatron.rollout.batching import Sample, build_train_batch
 from rift_megatron.rollout.engine import Generation, RolloutEngine, SamplingConfig
@@ -112,10 +113,9 @@ class RolloutDataLoader:
         except ValueError:
             raise  # a request the engine refuses: bad input, reported as such
         except Exception as error:  # the engine died or broke: say so, not vLLM's internals
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise RolloutFailure(
                 f"rank {rank}: the rollout engine failed while generating rollout {step} "
-                f"({type(error).__name__}: {first}); the last checkpoint is intact: continue with --resume auto"
+                f"({type(error).__name__}: {first_line(error)}); the last checkpoint is intact: continue with --resume auto"
             ) from error
         seconds = time.perf_counter() - started
         is_leader = rank % self.engine_tp == 0

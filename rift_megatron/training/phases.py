@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch.distributed as dist
 
+from rift_megatron.exits import first_line
 from rift_megatron.training.errors import CollectiveFailure
 
 # What gloo and NCCL put in the RuntimeErrors they raise (torch.distributed.DistError subclasses
@@ -37,9 +38,8 @@ def phase(name: str, timeout_key: str) -> Iterator[None]:
         if not is_collective_failure(error):
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CollectiveFailure(
-            f"rank {rank}: a collective failed during the {name} ({first_line}); if the other ranks were only slow, "
+            f"rank {rank}: a collective failed during the {name} ({first_line(error) or type(error).__name__}); if the other ranks were only slow, "
             f"raise {timeout_key}, otherwise the first rank to fail says why") from None
 
 

@@ -39,6 +39,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader, filesystem, metadata, planner
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
+from rift_megatron.exits import first_line
 from rift_megatron.trust.errors import UntrustedCheckpointError
 
 METADATA_FILE = ".metadata"
@@ -80,7 +81,7 @@ class _Refused(pickle.UnpicklingError):
 
 
 def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def unpickle_metadata(source: BinaryIO, label: str | Path) -> metadata.Metadata:
