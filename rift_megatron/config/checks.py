@@ -84,6 +84,10 @@ def _cross_field_problems(cfg: RiftConfig) -> Iterator[tuple[str, str]]:
         yield "parallel.sequence_parallel", f"needs parallel.tensor >= 2, got parallel.tensor = {par.tensor}"
     if par.virtual_pipeline is not None and par.pipeline < 2:
         yield "parallel.virtual_pipeline", f"needs parallel.pipeline >= 2, got parallel.pipeline = {par.pipeline}"
+    if par.overlap_param_gather and not opt.use_distributed_optimizer:
+        yield "parallel.overlap_param_gather", "needs optim.use_distributed_optimizer: true"
+    if par.overlap_param_gather and par.overlap_grad_reduce is False:
+        yield "parallel.overlap_param_gather", "needs parallel.overlap_grad_reduce (true or null)"
     if opt.min_lr > opt.lr:
         yield "optim.min_lr", f"must be <= optim.lr ({_num(opt.lr)}), got {_num(opt.min_lr)}"
     if opt.lr_decay_steps is not None and opt.lr_warmup_steps >= opt.lr_decay_steps:
@@ -196,6 +200,8 @@ def _model_problems(cfg: RiftConfig) -> Iterator[str]:
     except ModelConfigError as error:
         yield (f"parallel.tensor ({cfg.parallel.tensor}) / parallel.pipeline ({cfg.parallel.pipeline}) do not fit "
                f"the model: {error}")
+    else:
+        yield from _recompute_problems(cfg, load_hf_config(folder).num_layers)
     try:
         for max_tokens, name, used in response_lengths(cfg):
             if used:
@@ -203,6 +209,15 @@ def _model_problems(cfg: RiftConfig) -> Iterator[str]:
                               max_model_len_name="rollout.max_model_len")
     except LengthError as error:
         yield str(error)
+
+
+def _recompute_problems(cfg: RiftConfig, num_layers: int) -> Iterator[str]:
+    """Full recomputation groups layers within one model chunk (a pipeline stage, or a virtual one)."""
+    chunks = cfg.parallel.pipeline * (cfg.parallel.virtual_pipeline or 1)
+    per_chunk = num_layers // chunks
+    if cfg.training.recompute == "full" and cfg.training.recompute_num_layers > per_chunk:
+        yield (f"training.recompute_num_layers ({cfg.training.recompute_num_layers}) is more than the {per_chunk} "
+               f"layers of one model chunk ({num_layers} layers / {chunks} pipeline chunks)")
 
 
 def response_lengths(cfg: RiftConfig) -> list[tuple[int, str, bool]]:

@@ -272,6 +272,12 @@ def test_missing_config_file():
         (["eval.stop_at_accuracy=0.5"], "config key 'eval.stop_at_accuracy' (in override 'eval.stop_at_accuracy=0.5') "
          "needs periodic evaluations: set eval.interval > 0"),
         (["eval.stop_at_accuracy=1.5"], "must be <= 1, got 1.5"),
+        (["parallel.overlap_param_gather=true", "optim.use_distributed_optimizer=false"],
+         "config key 'parallel.overlap_param_gather' (in override 'parallel.overlap_param_gather=true') "
+         "needs optim.use_distributed_optimizer: true"),
+        (["parallel.overlap_param_gather=true", "parallel.overlap_grad_reduce=false"],
+         "needs parallel.overlap_grad_reduce (true or null)"),
+        (["training.recompute=partial"], "training.recompute"),
     ],
 )
 def test_values_out_of_range_or_inconsistent_are_named(overrides, message):
@@ -330,6 +336,17 @@ def test_valid_config_returns_the_data_parallel_size(ready):
     assert validate_for_world(ready, 1) == 1
     cfg = dataclasses.replace(ready, parallel=dataclasses.replace(ready.parallel, tensor=2))
     assert validate_for_world(cfg, 4) == 2
+
+
+def test_full_recompute_groups_must_fit_in_one_model_chunk(ready):
+    """The tiny model has 4 layers: 2 per stage at PP2, 1 per virtual chunk at PP2 x VPP2."""
+    full = dataclasses.replace(ready.training, recompute="full", recompute_num_layers=2)
+    assert validate_for_world(dataclasses.replace(ready, training=full), 1) == 1
+    pp2 = dataclasses.replace(ready, training=full, parallel=dataclasses.replace(ready.parallel, pipeline=2,
+                                                                                   virtual_pipeline=2))
+    assert world_error(pp2, 2) == [
+        "training.recompute_num_layers (2) is more than the 1 layers of one model chunk (4 layers / 4 pipeline chunks)"
+    ]
 
 
 def test_tp_times_pp_must_divide_the_world_size(ready):
