@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import MutableMapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from rift_megatron.parallel import ParallelLayout
 from rift_megatron.platform import Platform
@@ -90,6 +90,10 @@ class PerformanceOptions:
             "bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion", "gradient_accumulation_fusion",
             "masked_softmax_fusion", "persist_layer_norm", "tp_comm_overlap",
         )}
+
+    def without_fusions(self) -> "PerformanceOptions":
+        """The same table with every kernel fusion off: the CPU's plain PyTorch math, on any device."""
+        return replace(self, **dict.fromkeys(self.transformer_config_fields(), False))
 
     def table(self) -> str:
         """One `name: value` line per option, for logs and the GPU check's report."""

@@ -8,6 +8,7 @@ conversion tables.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -232,6 +233,8 @@ class GPTModelProvider:
     ) -> None:
         self.arch = arch
         self.layout = layout
+        self.precision = precision
+        self.recompute = recompute
         self.platform = platform or current_platform()
         self.layer_impl = resolve_layer_impl(layer_impl, self.platform)
         # The one decision of fusions and overlaps: the model's config and DDP (training/setup.py) read it.
@@ -239,6 +242,15 @@ class GPTModelProvider:
                                            use_distributed_optimizer, overlap)
         self.config = build_transformer_config(arch, layout, precision, self.platform, self.options, recompute)
         self.padded_vocab_size = padded_vocab_size(arch.vocab_size, layout.tensor)
+
+    def with_options(self, options: PerformanceOptions) -> "GPTModelProvider":
+        """A copy that builds its model with `options` instead of this platform's table (e.g. the
+        fusions off on a GPU, to compare the fused kernels with plain PyTorch math)."""
+        other = copy.copy(self)
+        other.options = options
+        other.config = build_transformer_config(self.arch, self.layout, self.precision, self.platform, options,
+                                                self.recompute)
+        return other
 
     @classmethod
     def for_checkpoint_layout(cls, arch: ModelArchitecture) -> "GPTModelProvider":

@@ -211,6 +211,12 @@ def setup_training(
     """
     provider = GPTModelProvider(arch, layout, precision, layer_impl=layer_impl, recompute=recompute,
                                 use_distributed_optimizer=optim.use_distributed_optimizer, overlap=overlap)
+    return train_state(provider, optim, total_steps, initial_weights)
+
+
+def train_state(provider: GPTModelProvider, optim: OptimConfig, total_steps: int = 1,
+                initial_weights: str | Path | None = None) -> TrainState:
+    """`setup_training` for a provider built already (e.g. one given another option table)."""
     chunks = build_model_chunks(provider)
     if initial_weights is not None:
         load_model_checkpoint(chunks, initial_weights)
