@@ -14,6 +14,7 @@ there, so the probe itself is exercised in CI).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def run_variant(arch, fused: bool, recompute) -> dict[str, Any]:
         batch = mixed_reward_batch(seed=SEED, seq_len=64, vocab_size=arch.vocab_size)
         metrics = [train_step(state, batch, LossSettings(), micro_batch_size=4) for _ in range(STEPS)]
         applied = {name: getattr(provider.config, name) for name in provider.options.transformer_config_fields()}
-        return {"options": json.loads(json.dumps(provider.options.__dict__)), "config_fields": applied,
+        return {"options": dataclasses.asdict(provider.options), "config_fields": applied,
                 "recompute_granularity": provider.config.recompute_granularity, "metrics": metrics}
     finally:
         destroy_model_parallel()

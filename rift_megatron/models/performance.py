@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, replace
 
 from rift_megatron.parallel import ParallelLayout
 from rift_megatron.platform import Platform
-from rift_megatron.platform.device import LayerImpl
+from rift_megatron.platform.device import LayerImpl, transformer_engine_available
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class KernelPackages:
             return importlib.util.find_spec(name) is not None
 
         return cls(
-            transformer_engine=importable("transformer_engine"),
+            transformer_engine=transformer_engine_available(),
             apex_fused_wgrad=importable("fused_weight_gradient_mlp_cuda"),
             apex_masked_softmax=importable("scaled_upper_triang_masked_softmax_cuda")
             and importable("scaled_masked_softmax_cuda"),

@@ -103,8 +103,8 @@ def test_cuda_device_max_connections_is_set_with_tensor_parallelism_on_cuda(plat
     assert environ == (expected or {})
 
 
-def test_rift_train_sets_the_launch_environment_before_the_trainer(monkeypatch):
-    """The entry point applies the table's environment (the decision above) before any CUDA work."""
+def test_rift_train_applies_the_launch_environment_of_the_cuda_decision(monkeypatch):
+    """`rift train` (train.run, before it builds the trainer and CUDA starts) applies the decision above."""
     import rift_megatron.platform.device as device
     from rift_megatron import train
     from rift_megatron.config import load_config
