@@ -193,3 +193,31 @@ def test_recompute_trains_exactly_like_no_recompute():
             worst = max(float((tensors[k] - reference[k]).abs().max() / reference[k].abs().max().clamp_min(1e-30))
                         for k in reference)
             assert worst <= 1e-6, (name, worst)
+
+
+def _bytes_kept_for_backward(recompute: RecomputeConfig) -> int:
+    """Bytes of the distinct tensors one training-mode forward pass saves for the backward pass
+    (weights included, the same in every variant): the activation memory recomputation trades."""
+    init_model_parallel(ParallelLayout(), seed=1234)
+    try:
+        model = GPTModelProvider(parse_hf_config(tiny_hf_config()), ParallelLayout(), recompute=recompute)()
+        model.train()
+        batch = mixed_reward_batch(seq_len=64)
+        kept: dict[int, int] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(batch["tokens"], batch["position_ids"], None)
+        return sum(kept.values())
+    finally:
+        destroy_model_parallel()
+
+
+def test_recompute_keeps_less_for_the_backward_pass():
+    init_distributed()
+    kept = {name: _bytes_kept_for_backward(recompute) for name, (recompute, _, _) in RECOMPUTE.items()}
+    print(kept)
+    assert kept["full_uniform_2"] < kept["full_block_3"] < kept["selective"] < kept["none"], kept
