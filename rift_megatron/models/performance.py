@@ -96,8 +96,8 @@ class PerformanceOptions:
         return replace(self, **dict.fromkeys(self.transformer_config_fields(), False))
 
     def table(self) -> str:
-        """One `name: value` line per option, for logs and the GPU check's report."""
-        return "\n".join(f"{name}: {value}" for name, value in asdict(self).items())
+        """`name=value` for every option, on one line (printed by `rift train` at start)."""
+        return ", ".join(f"{name}={value}" for name, value in asdict(self).items())
 
 
 class OverlapConfigError(ValueError):

@@ -139,6 +139,7 @@ class Trainer:
             Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.logging.dir) / "config.yaml").write_text(dump_yaml(cfg))
             print(f"resolved config{' (resumed from ' + str(resume_from) + ')' if resume_from else ''}:\n{dump_yaml(cfg)}")
+            print(f"kernels and overlap ({self.state.provider.platform.kind}): {self.state.provider.options.table()}")
         self._build_data()
 
     # ---- set-up ---------------------------------------------------------------------------
