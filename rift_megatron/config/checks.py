@@ -229,15 +229,16 @@ def response_lengths(cfg: RiftConfig) -> list[tuple[int, str, bool]]:
 
 
 def _world_problems(cfg: RiftConfig, world_size: int) -> Iterator[str]:
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    tp, pp, cp = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context
     gbs, mbs = cfg.training.global_batch_size, cfg.training.micro_batch_size
     dp = None
-    if world_size % (tp * pp):
+    if world_size % (tp * pp * cp):
         yield (
-            f"parallel.tensor ({tp}) x parallel.pipeline ({pp}) = {tp * pp} does not divide the world size {world_size}"
+            f"parallel.tensor ({tp}) x parallel.pipeline ({pp}) x parallel.context ({cp}) = {tp * pp * cp} does not "
+            f"divide the world size {world_size}"
         )
     else:
-        dp = world_size // (tp * pp)
+        dp = world_size // (tp * pp * cp)
         if gbs % (mbs * dp):
             yield (
                 f"training.global_batch_size ({gbs}) is not divisible by training.micro_batch_size ({mbs}) "
@@ -267,11 +268,31 @@ def _world_problems(cfg: RiftConfig, world_size: int) -> Iterator[str]:
         )
 
 
+def _context_problems(cfg: RiftConfig) -> Iterator[str]:
+    """Context parallelism against the layer implementation this machine resolves to."""
+    if cfg.parallel.context == 1:
+        return
+    from rift_megatron.models.provider import context_parallel_problem
+    from rift_megatron.platform import resolve_layer_impl
+    from rift_megatron.platform.device import LayerImplError
+
+    from .runtime import to_parallel_layout
+
+    try:
+        layer_impl = resolve_layer_impl(cfg.model.layer_impl)
+    except LayerImplError:
+        layer_impl = None  # reported on its own by _path_problems / at model build
+    problem = context_parallel_problem(to_parallel_layout(cfg), layer_impl)
+    if problem:
+        yield problem
+
+
 def validate_for_world(cfg: RiftConfig, world_size: int) -> int:
     """Check ``cfg`` against a launch of ``world_size`` processes and the file system.
 
     Returns the data-parallel size. Raises :class:`ConfigError` listing every problem found, one
-    line each: model-parallel sizes that do not divide the world, batch sizes that do not split
+    line each: model-parallel sizes (TP x PP x CP) that do not divide the world, context
+    parallelism without Transformer Engine attention, batch sizes that do not split
     over micro-batches x data-parallel ranks (or a rollout batch over global batches and rollout
     engines), a missing model folder / config.json / tokenizer / safetensors weights / checkpoint /
     prompt file / buffer; once the files are sound, a model the parallel sizes cannot split (heads,
@@ -279,9 +300,9 @@ def validate_for_world(cfg: RiftConfig, world_size: int) -> int:
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
-    problems = [*_world_problems(cfg, world_size), *_path_problems(cfg)]
+    problems = [*_world_problems(cfg, world_size), *_context_problems(cfg), *_path_problems(cfg)]
     if not problems:  # the model's files are sound: check the model against the layout and lengths
         problems = list(_model_problems(cfg))
     if problems:
         raise ConfigError("\n".join(problems))
-    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context)

@@ -53,7 +53,8 @@ def to_parallel_layout(cfg: RiftConfig) -> ParallelLayout:
 
     p = cfg.parallel
     return ParallelLayout(
-        tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline, sequence_parallel=p.sequence_parallel
+        tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline, sequence_parallel=p.sequence_parallel,
+        context=p.context,
     )
 
 

@@ -72,7 +72,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Model parallelism; the data-parallel size is world_size / (tensor x pipeline)."""
+    """Model parallelism; the data-parallel size is world_size / (tensor x pipeline x context)."""
 
     tensor: int = _f(1, "Tensor-parallel size (TP): splits every layer's weights over this many ranks.", min=1)
     pipeline: int = _f(1, "Pipeline-parallel size (PP): splits the layers into this many stages.", min=1)
@@ -80,6 +80,10 @@ class ParallelConfig:
         None, "Virtual pipeline stages per rank (interleaved schedule, needs pipeline >= 2); null: off.", min=2
     )
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tensor >= 2).")
+    context: int = _f(
+        1, "Context-parallel size (CP): splits every sequence over this many ranks (2 x CP load-balanced chunks); "
+           "needs Transformer Engine attention (a CUDA GPU), so only 1 runs on the CPU.", min=1
+    )
     overlap_grad_reduce: bool | None = _f(
         None, "Overlap the data-parallel gradient reduction with the backward pass (Megatron DDP); null: on with "
               "CUDA, off on the CPU.",

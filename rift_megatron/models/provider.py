@@ -52,6 +52,18 @@ def validate_layout(arch: ModelArchitecture, layout: ParallelLayout) -> None:
             )
 
 
+def context_parallel_problem(layout: ParallelLayout, layer_impl: str | None) -> str | None:
+    """Why `layout`'s context parallelism cannot run with `layer_impl` (the resolved
+    model.layer_impl; None: unresolvable here), or None. Megatron-Core's local DotProductAttention
+    asserts context_parallel_size == 1: CP attention (ring attention) exists only in Transformer
+    Engine's, so on the CPU no CP model can run."""
+    if layout.context == 1 or layer_impl == "transformer_engine":
+        return None
+    return (f"parallel.context is {layout.context} but context parallelism needs Transformer Engine attention "
+            f"(model.layer_impl resolving to 'transformer_engine' on a CUDA GPU; here: {layer_impl or 'unavailable'}): "
+            "Megatron-Core's local attention refuses context_parallel_size > 1")
+
+
 @dataclass(frozen=True)
 class PrecisionConfig:
     """Parameter / compute dtype. On CPU we train in fp32 (bf16 matmuls are emulated and slow)."""
@@ -138,6 +150,7 @@ def build_transformer_config(
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
         sequence_parallel=layout.sequence_parallel,
         # HF's sliding window lets token i see tokens i - (window - 1) .. i; Megatron's
         # (left, right) window counts the tokens to each side.
@@ -237,6 +250,9 @@ class GPTModelProvider:
         self.recompute = recompute
         self.platform = platform or current_platform()
         self.layer_impl = resolve_layer_impl(layer_impl, self.platform)
+        problem = context_parallel_problem(layout, self.layer_impl)
+        if problem:
+            raise ModelConfigError(problem)
         # The one decision of fusions and overlaps: the model's config and DDP (training/setup.py) read it.
         self.options = performance_options(self.platform, self.layer_impl, layout, KernelPackages.detect(),
                                            use_distributed_optimizer, overlap)

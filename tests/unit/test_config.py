@@ -353,7 +353,24 @@ def test_tp_times_pp_must_divide_the_world_size(ready):
     cfg = load_config(None, ["parallel.tensor=2", "parallel.pipeline=2", f"model.hf_dir={ready.model.hf_dir}",
                              f"data.prompts={ready.data.prompts}", "data.prompts_per_step=6",
                              "training.global_batch_size=48"])
-    assert world_error(cfg, 6) == ["parallel.tensor (2) x parallel.pipeline (2) = 4 does not divide the world size 6"]
+    assert world_error(cfg, 6) == [
+        "parallel.tensor (2) x parallel.pipeline (2) x parallel.context (1) = 4 does not divide the world size 6"
+    ]
+
+
+def test_context_parallelism_counts_in_the_world_and_is_refused_without_transformer_engine(ready):
+    """world = TP x PP x CP x DP; on this machine (no CUDA, so local layers) CP > 1 cannot run:
+    one line naming the key and saying what it needs, next to the size problem."""
+    cp2 = dataclasses.replace(ready, parallel=dataclasses.replace(ready.parallel, context=2))
+    assert to_parallel_layout(cp2).context == 2
+    refusal = ("parallel.context is 2 but context parallelism needs Transformer Engine attention (model.layer_impl "
+               "resolving to 'transformer_engine' on a CUDA GPU; here: local): Megatron-Core's local attention "
+               "refuses context_parallel_size > 1")
+    assert world_error(cp2, 2) == [refusal]
+    lines = world_error(cp2, 3)
+    assert lines[0] == "parallel.tensor (1) x parallel.pipeline (1) x parallel.context (2) = 2 does not divide the world size 3"
+    assert lines[-1] == refusal
+    assert error_of(None, ["parallel.context=0"]).startswith("config key 'parallel.context'")
 
 
 def test_global_batch_must_split_into_micro_batches_times_dp(ready):
