@@ -26,15 +26,20 @@ class ParallelConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Model-parallel sizes; the data-parallel size is whatever the world size leaves."""
+    """Model-parallel sizes; the data-parallel size is whatever the world size leaves.
+
+    `context`: context parallelism (CP) splits every sequence over this many ranks, which hold
+    the same weights and take part in the data-parallel gradient reduction (Megatron's
+    data-parallel-with-context-parallel group)."""
 
     tensor: int = 1
     pipeline: int = 1
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
+    context: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("tensor", "pipeline"):
+        for name in ("tensor", "pipeline", "context"):
             if getattr(self, name) < 1:
                 raise ParallelConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.virtual_pipeline is not None:
@@ -48,24 +53,26 @@ class ParallelLayout:
             raise ParallelConfigError("parallel.sequence_parallel needs parallel.tensor >= 2")
 
     @property
-    def model_parallel_size(self) -> int:
-        return self.tensor * self.pipeline
+    def sequence_multiple(self) -> int:
+        """What every sequence length fed to the model must be a multiple of: context parallelism
+        cuts it into 2 x CP equal chunks (training/context_parallel.py), and sequence parallelism
+        then splits each rank's share over the tensor-parallel ranks (Megatron asserts both)."""
+        chunks = 2 * self.context if self.context > 1 else 1
+        return chunks * (self.tensor if self.sequence_parallel else 1)
 
     @property
-    def sequence_multiple(self) -> int:
-        """What every sequence length fed to the model must be a multiple of: with sequence
-        parallelism Megatron splits the sequence over the tensor-parallel ranks (and asserts
-        that it divides)."""
-        return self.tensor if self.sequence_parallel else 1
+    def ranks_per_replica(self) -> int:
+        """TP x PP x CP: the ranks that hold one copy of the model and see one data-parallel share."""
+        return self.tensor * self.pipeline * self.context
 
     def data_parallel_size(self, world_size: int) -> int:
-        """DP = world / (TP x PP); raises a readable error when that does not divide."""
-        if world_size % self.model_parallel_size:
+        """DP = world / (TP x PP x CP); raises a readable error when that does not divide."""
+        if world_size % self.ranks_per_replica:
             raise ParallelConfigError(
                 f"world size {world_size} is not divisible by tensor ({self.tensor}) x "
-                f"pipeline ({self.pipeline}) = {self.model_parallel_size}"
+                f"pipeline ({self.pipeline}) x context ({self.context}) = {self.ranks_per_replica}"
             )
-        return world_size // self.model_parallel_size
+        return world_size // self.ranks_per_replica
 
 
 def private_rendezvous() -> str:
@@ -119,7 +126,7 @@ def rollout_wait_group():
 
 
 def init_model_parallel(layout: ParallelLayout, seed: int | None, timeout_minutes: float = 30.0) -> None:
-    """Initialise Megatron's TP/PP/DP groups for `layout` and seed its RNG tracker.
+    """Initialise Megatron's TP/PP/CP/DP groups for `layout` and seed its RNG tracker.
 
     `model_parallel_cuda_manual_seed` also reseeds the CPU generator on CPU (see cpu_compat), so
     anything else that needs seeding must be seeded after this call. `seed=None` seeds nothing
@@ -134,6 +141,7 @@ def init_model_parallel(layout: ParallelLayout, seed: int | None, timeout_minute
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
         distributed_timeout_minutes=timeout_minutes,
     )
     if seed is not None:
@@ -175,6 +183,18 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
 def all_reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """In-place MAX all-reduce that is a no-op without a process group."""
     return _all_reduce(tensor, dist.ReduceOp.MAX, group)
+
+
+def all_reduce_sum_differentiable(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Out-of-place SUM all-reduce whose backward all-reduces the gradient too (no-op without a
+    group of > 1 ranks). For a loss that is a sum of per-rank terms which all depend on the
+    reduced value (e.g. per-sequence sums split over context-parallel ranks): the gradient of the
+    total w.r.t. one rank's contribution is the sum of every rank's gradient w.r.t. the result."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        from torch.distributed.nn.functional import all_reduce
+
+        return all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
 
 
 def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:

@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
     # Checked against torchrun's WORLD_SIZE before torch.distributed, Megatron or vLLM are imported,
     # so a bad config costs a second and prints only its own lines.
     validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    _set_launch_environment(cfg)
 
     from rift_megatron.parallel import is_main_rank
     from rift_megatron.training.loop import Trainer
@@ -42,6 +43,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _set_launch_environment(cfg) -> None:
+    """What Megatron needs in the environment before CUDA initialises (CUDA_DEVICE_MAX_CONNECTIONS
+    with tensor parallelism on a GPU): set here, before the trainer creates the CUDA context."""
+    from rift_megatron.config import to_parallel_layout
+    from rift_megatron.models.performance import apply_launch_environment
+    from rift_megatron.platform.device import detect_platform
+
+    apply_launch_environment(detect_platform(), to_parallel_layout(cfg), os.environ)
 
 
 def main(argv: list[str] | None = None) -> int:

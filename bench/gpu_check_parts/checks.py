@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .compare import compare_hf_folders, compare_step_metrics, step_throughput, training_problems
+from .compare import compare_hf_folders, compare_step_metrics, kernel_problems, step_throughput, training_problems
 from .gpu_watch import GIB, MIB, GpuReader, gpu_usage_problems
 from .processes import cpu_env, run_logged, say
 from .report import GPU_ONLY
@@ -189,6 +189,22 @@ def check_parity(ctx: Context, hf_dir: Path, buffer: Path) -> dict[str, dict[str
     parity = {"status": "pass" if compared and compared["passed"] else "fail", "gpu_run": gpu, "gpu_env": NO_TF32,
               "comparison": compared, "problems": gpu["problems"] + (compared["problems"] if compared else ["a run failed"])}
     return {"parity_cpu_run": cpu, "cpu_noise_reference": reference, "loss_parity": parity}
+
+
+def check_kernel_options(ctx: Context) -> dict[str, dict[str, Any]]:
+    """kernel_probe.py on the GPU (fp32, TF32 off): the CUDA option table applied, and fused,
+    unfused and recomputing variants training alike."""
+    if not ctx.cuda:
+        return {"kernel_options": skipped("no CUDA device: the CPU table is tested in tests/unit/test_performance_options.py")}
+    out = ctx.work / "kernel_probe.json"
+    cmd = [sys.executable, str(Path(__file__).with_name("kernel_probe.py")), "--out", str(out)]
+    result = run_logged(cmd, {**ctx.env, **NO_TF32}, ctx.work / "kernel_probe.log", ctx.timeout(300))
+    if result["returncode"] or not out.exists():
+        return {"kernel_options": {**result, "status": "fail", "problems": [f"exit code {result['returncode']}"]}}
+    probe = json.loads(out.read_text())
+    verdict = kernel_problems(probe)
+    return {"kernel_options": {**result, "status": "pass" if verdict["passed"] else "fail", **verdict,
+                               "device": probe["device"], "table": probe["variants"]["platform"]["options"]}}
 
 
 def failed_checks(names: Sequence[str], why: str, error: str, cuda: bool) -> dict[str, dict[str, Any]]:

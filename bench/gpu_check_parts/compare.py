@@ -135,3 +135,29 @@ def compare_hf_folders(source: Path, exported: Path) -> dict[str, Any]:
     return {"tensors": len(a), "missing": sorted(a.keys() - b.keys()), "extra": sorted(b.keys() - a.keys()),
             "mismatched": mismatched, "config_equal": config_equal, "files_differing": other,
             "exact": bool(a) and a.keys() == b.keys() and not mismatched and config_equal and not other}
+
+
+def kernel_problems(probe: Mapping[str, Any]) -> dict[str, Any]:
+    """The verdict on kernel_probe.py's report: the option table really applied (the model's
+    config carries every fusion of the table; recomputation set where asked; on CUDA the fusions
+    Megatron-Core runs without TE are on), and every variant trains like the unfused one within the
+    GPU-vs-CPU parity tolerance (same function, other kernels)."""
+    variants = probe.get("variants") or {}
+    problems: list[str] = []
+    missing = {"unfused", "platform", "selective", "full"} - set(variants)
+    if missing:
+        return {"passed": False, "problems": [f"variants missing: {sorted(missing)}"], "comparisons": {}}
+    for name, variant in variants.items():
+        expected = {k: False for k in variant["config_fields"]} if name == "unfused" else \
+            {k: variant["options"][k] for k in variant["config_fields"]}
+        if variant["config_fields"] != expected:
+            problems.append(f"{name}: the model's config {variant['config_fields']} is not the table {expected}")
+    if probe.get("platform") == "cuda" and not variants["platform"]["options"]["bias_activation_fusion"]:
+        problems.append("CUDA table without bias_activation_fusion")
+    for name, granularity in (("selective", "selective"), ("full", "full"), ("platform", None)):
+        if variants[name]["recompute_granularity"] != granularity:
+            problems.append(f"{name}: recompute_granularity {variants[name]['recompute_granularity']!r}")
+    comparisons = {name: compare_step_metrics(variants["unfused"]["metrics"], variant["metrics"])
+                   for name, variant in variants.items() if name != "unfused"}
+    problems += [f"{name} vs unfused: {p}" for name, c in comparisons.items() for p in c["problems"]]
+    return {"passed": not problems, "problems": problems, "comparisons": comparisons}

@@ -84,6 +84,10 @@ def _cross_field_problems(cfg: RiftConfig) -> Iterator[tuple[str, str]]:
         yield "parallel.sequence_parallel", f"needs parallel.tensor >= 2, got parallel.tensor = {par.tensor}"
     if par.virtual_pipeline is not None and par.pipeline < 2:
         yield "parallel.virtual_pipeline", f"needs parallel.pipeline >= 2, got parallel.pipeline = {par.pipeline}"
+    if par.overlap_param_gather and not opt.use_distributed_optimizer:
+        yield "parallel.overlap_param_gather", "needs optim.use_distributed_optimizer: true"
+    if par.overlap_param_gather and par.overlap_grad_reduce is False:
+        yield "parallel.overlap_param_gather", "needs parallel.overlap_grad_reduce (true or null)"
     if opt.min_lr > opt.lr:
         yield "optim.min_lr", f"must be <= optim.lr ({_num(opt.lr)}), got {_num(opt.min_lr)}"
     if opt.lr_decay_steps is not None and opt.lr_warmup_steps >= opt.lr_decay_steps:
@@ -196,6 +200,8 @@ def _model_problems(cfg: RiftConfig) -> Iterator[str]:
     except ModelConfigError as error:
         yield (f"parallel.tensor ({cfg.parallel.tensor}) / parallel.pipeline ({cfg.parallel.pipeline}) do not fit "
                f"the model: {error}")
+    else:
+        yield from _recompute_problems(cfg, load_hf_config(folder).num_layers)
     try:
         for max_tokens, name, used in response_lengths(cfg):
             if used:
@@ -203,6 +209,15 @@ def _model_problems(cfg: RiftConfig) -> Iterator[str]:
                               max_model_len_name="rollout.max_model_len")
     except LengthError as error:
         yield str(error)
+
+
+def _recompute_problems(cfg: RiftConfig, num_layers: int) -> Iterator[str]:
+    """Full recomputation groups layers within one model chunk (a pipeline stage, or a virtual one)."""
+    chunks = cfg.parallel.pipeline * (cfg.parallel.virtual_pipeline or 1)
+    per_chunk = num_layers // chunks
+    if cfg.training.recompute == "full" and cfg.training.recompute_num_layers > per_chunk:
+        yield (f"training.recompute_num_layers ({cfg.training.recompute_num_layers}) is more than the {per_chunk} "
+               f"layers of one model chunk ({num_layers} layers / {chunks} pipeline chunks)")
 
 
 def response_lengths(cfg: RiftConfig) -> list[tuple[int, str, bool]]:
@@ -214,15 +229,16 @@ def response_lengths(cfg: RiftConfig) -> list[tuple[int, str, bool]]:
 
 
 def _world_problems(cfg: RiftConfig, world_size: int) -> Iterator[str]:
-    tp, pp = cfg.parallel.tensor, cfg.parallel.pipeline
+    tp, pp, cp = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context
     gbs, mbs = cfg.training.global_batch_size, cfg.training.micro_batch_size
     dp = None
-    if world_size % (tp * pp):
+    if world_size % (tp * pp * cp):
         yield (
-            f"parallel.tensor ({tp}) x parallel.pipeline ({pp}) = {tp * pp} does not divide the world size {world_size}"
+            f"parallel.tensor ({tp}) x parallel.pipeline ({pp}) x parallel.context ({cp}) = {tp * pp * cp} does not "
+            f"divide the world size {world_size}"
         )
     else:
-        dp = world_size // (tp * pp)
+        dp = world_size // (tp * pp * cp)
         if gbs % (mbs * dp):
             yield (
                 f"training.global_batch_size ({gbs}) is not divisible by training.micro_batch_size ({mbs}) "
@@ -252,11 +268,31 @@ def _world_problems(cfg: RiftConfig, world_size: int) -> Iterator[str]:
         )
 
 
+def _context_problems(cfg: RiftConfig) -> Iterator[str]:
+    """Context parallelism against the layer implementation this machine resolves to."""
+    if cfg.parallel.context == 1:
+        return
+    from rift_megatron.models.provider import context_parallel_problem
+    from rift_megatron.platform import resolve_layer_impl
+    from rift_megatron.platform.device import LayerImplError
+
+    from .runtime import to_parallel_layout
+
+    try:
+        layer_impl = resolve_layer_impl(cfg.model.layer_impl)
+    except LayerImplError:
+        layer_impl = None  # reported on its own by _path_problems / at model build
+    problem = context_parallel_problem(to_parallel_layout(cfg), layer_impl)
+    if problem:
+        yield problem
+
+
 def validate_for_world(cfg: RiftConfig, world_size: int) -> int:
     """Check ``cfg`` against a launch of ``world_size`` processes and the file system.
 
     Returns the data-parallel size. Raises :class:`ConfigError` listing every problem found, one
-    line each: model-parallel sizes that do not divide the world, batch sizes that do not split
+    line each: model-parallel sizes (TP x PP x CP) that do not divide the world, context
+    parallelism without Transformer Engine attention, batch sizes that do not split
     over micro-batches x data-parallel ranks (or a rollout batch over global batches and rollout
     engines), a missing model folder / config.json / tokenizer / safetensors weights / checkpoint /
     prompt file / buffer; once the files are sound, a model the parallel sizes cannot split (heads,
@@ -264,9 +300,9 @@ def validate_for_world(cfg: RiftConfig, world_size: int) -> int:
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
-    problems = [*_world_problems(cfg, world_size), *_path_problems(cfg)]
+    problems = [*_world_problems(cfg, world_size), *_context_problems(cfg), *_path_problems(cfg)]
     if not problems:  # the model's files are sound: check the model against the layout and lengths
         problems = list(_model_problems(cfg))
     if problems:
         raise ConfigError("\n".join(problems))
-    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context)

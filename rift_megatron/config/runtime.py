@@ -13,7 +13,8 @@ from .schema import ConfigError, RiftConfig
 
 if TYPE_CHECKING:
     from rift_megatron.loss.megatron_loss import LossSettings
-    from rift_megatron.models.provider import PrecisionConfig
+    from rift_megatron.models.performance import OverlapRequest
+    from rift_megatron.models.provider import PrecisionConfig, RecomputeConfig
     from rift_megatron.parallel import ParallelLayout
     from rift_megatron.rollout.engine import EngineConfig, SamplingConfig
     from rift_megatron.rollout.rewards import RewardSpec
@@ -26,8 +27,10 @@ __all__ = [
     "to_eval_sampling_config",
     "to_loss_settings",
     "to_optim_config",
+    "to_overlap_request",
     "to_parallel_layout",
     "to_precision_config",
+    "to_recompute_config",
     "to_reward_spec",
     "to_sampling_config",
     "engine_dtype",
@@ -50,8 +53,22 @@ def to_parallel_layout(cfg: RiftConfig) -> ParallelLayout:
 
     p = cfg.parallel
     return ParallelLayout(
-        tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline, sequence_parallel=p.sequence_parallel
+        tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.virtual_pipeline, sequence_parallel=p.sequence_parallel,
+        context=p.context,
     )
+
+
+def to_recompute_config(cfg: RiftConfig) -> RecomputeConfig:
+    from rift_megatron.models.provider import RecomputeConfig
+
+    t = cfg.training
+    return RecomputeConfig(granularity=t.recompute, method=t.recompute_method, num_layers=t.recompute_num_layers)
+
+
+def to_overlap_request(cfg: RiftConfig) -> OverlapRequest:
+    from rift_megatron.models.performance import OverlapRequest
+
+    return OverlapRequest(grad_reduce=cfg.parallel.overlap_grad_reduce, param_gather=cfg.parallel.overlap_param_gather)
 
 
 def to_optim_config(cfg: RiftConfig) -> OptimConfig:

@@ -72,7 +72,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Model parallelism; the data-parallel size is world_size / (tensor x pipeline)."""
+    """Model parallelism; the data-parallel size is world_size / (tensor x pipeline x context)."""
 
     tensor: int = _f(1, "Tensor-parallel size (TP): splits every layer's weights over this many ranks.", min=1)
     pipeline: int = _f(1, "Pipeline-parallel size (PP): splits the layers into this many stages.", min=1)
@@ -80,6 +80,19 @@ class ParallelConfig:
         None, "Virtual pipeline stages per rank (interleaved schedule, needs pipeline >= 2); null: off.", min=2
     )
     sequence_parallel: bool = _f(False, "Megatron sequence parallelism (needs tensor >= 2).")
+    context: int = _f(
+        1, "Context-parallel size (CP): splits every sequence over this many ranks (2 x CP load-balanced chunks); "
+           "needs Transformer Engine attention (a CUDA GPU), so only 1 runs on the CPU.", min=1
+    )
+    overlap_grad_reduce: bool | None = _f(
+        None, "Overlap the data-parallel gradient reduction with the backward pass (Megatron DDP); null: on with "
+              "CUDA, off on the CPU.",
+    )
+    overlap_param_gather: bool | None = _f(
+        None, "Overlap the distributed optimizer's parameter all-gather with the next forward pass (needs "
+              "optim.use_distributed_optimizer and overlap_grad_reduce); null: on with CUDA where those are on, off "
+              "on the CPU.",
+    )
     collective_timeout_minutes: float = _f(
         30.0, "Timeout of every training collective (NCCL / gloo); a rank that waits longer stops the run with a "
               "line naming the rank and the phase. Waiting for the slowest engine's rollout is not counted here: "
@@ -225,6 +238,19 @@ class TrainingConfig:
     global_batch_size: int = _f(64, "Samples per optimizer step, over all data-parallel ranks.", min=1)
     micro_batch_size: int = _f(4, "Samples per forward/backward pass on one rank.", min=1)
     seed: int = _f(1234, "Seed of model init, data order, sampling and dropout.", min=0)
+    recompute: Literal["none", "selective", "full"] = _f(
+        "none",
+        "Activation recomputation (saves memory, costs compute; same math): selective recomputes the core "
+        "attention in the backward pass, full reruns whole transformer layers (see recompute_method).",
+    )
+    recompute_method: Literal["uniform", "block"] = _f(
+        "uniform",
+        "recompute full: uniform stores the input of every group of recompute_num_layers layers and reruns the "
+        "group; block reruns the first recompute_num_layers layers of each pipeline stage and stores the rest.",
+    )
+    recompute_num_layers: int = _f(
+        1, "recompute full: layers per group (uniform) or per stage (block); at most the layers of one stage.", min=1
+    )
     max_consecutive_nonfinite: int = _f(
         3, "A step whose gradients are not finite is skipped (weights unchanged, logged as nonfinite=1); "
            "this many in a row stop the run (after saving the last good weights when checkpoint.dir is set).", min=1

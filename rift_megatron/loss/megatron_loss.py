@@ -11,12 +11,15 @@ only glues the pieces together and keeps the loss ignorant of the schedule.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from rift_megatron.parallel import all_reduce_sum_differentiable
 
 from .logprobs import vocab_parallel_logprobs
 from .objective import RiftLossTerms, check_settings, rift_loss_terms
@@ -97,6 +100,7 @@ def make_loss_func(
     vocab_size: int,
     tp_group: Any = None,
     sign_token_counts: Sequence[int | Tensor] | None = None,
+    cp_group: Any = None,
 ) -> LossFunc:
     """Bind one micro-batch to a Megatron ``loss_func(logits) -> (loss_sum, num_tokens, report)``.
 
@@ -107,6 +111,10 @@ def make_loss_func(
         vocab_size: the true vocabulary size; logits columns beyond it are TP padding.
         tp_group: tensor-parallel group the logits' vocabulary is split over (None: no TP).
         sign_token_counts: global ``(Z_pos, Z_neg)`` for ``per_sign`` (see ``count_sign_tokens``).
+        cp_group: context-parallel group the sequence is split over (None: no CP). ``batch`` and
+            the logits are then this rank's share of the positions; the per-sequence sums of
+            ``granularity='sequence'`` are all-reduced over the group. The returned sums stay
+            this rank's: the schedule sums them over the data-parallel-with-CP group.
 
     The returned ``loss_sum`` is NOT divided by anything: run the schedule with
     ``calculate_per_token_loss=True``. ``report`` holds per-micro-batch sums for
@@ -121,6 +129,7 @@ def make_loss_func(
             f"got normalization={settings.normalization!r}"
         )
     targets = batch["targets"]
+    sequence_sum = None if cp_group is None else functools.partial(all_reduce_sum_differentiable, group=cp_group)
 
     def loss_func(output_tensor: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         if output_tensor.dim() != 3 or tuple(output_tensor.shape[:2]) != tuple(targets.shape):
@@ -139,6 +148,7 @@ def make_loss_func(
             granularity=settings.granularity,
             normalization=settings.normalization,
             sign_token_counts=sign_token_counts,
+            sequence_sum=sequence_sum,
         )
         mismatch = _mismatch(logprobs, batch["behavior_logprobs"], batch["loss_mask"])
         return terms.loss_sum, terms.num_tokens, _report(terms, mismatch)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -178,8 +178,14 @@ def rift_loss_terms(
     granularity: str = "token",
     normalization: str = "global",
     sign_token_counts: Sequence[int | Tensor] | None = None,
+    sequence_sum: Callable[[Tensor], Tensor] | None = None,
 ) -> RiftLossTerms:
     """:func:`rift_token_loss` plus the per-sign parts and diagnostics the trainer reports.
+
+    ``sequence_sum``: when the sequences are split over ranks (context parallelism) each call sees
+    only part of every sequence; this function sums the per-sequence partial sums of
+    ``granularity='sequence'`` (``[2, batch]``: log-ratio sum, negative-token count) over those
+    ranks, differentiably. None: this call holds whole sequences.
 
     Ratio diagnostics: for ``rift`` the ratio that weights each negative token (capped; the
     sequence ratio for ``granularity='sequence'``); for ``naive`` the uncapped token ratio
@@ -224,8 +230,9 @@ def rift_loss_terms(
         # 0 off the negative tokens, so exp() cannot overflow there (0 * inf would be a NaN grad).
         log_ratio = torch.where(neg_tok, l_used - b, zero)
         if granularity == "sequence":
-            n_tok = neg_tok.sum(dim=1).clamp(min=1).to(dtype)
-            seq_log_ratio = log_ratio.sum(dim=1) / n_tok
+            partial = torch.stack([log_ratio.sum(dim=1), neg_tok.sum(dim=1).to(dtype)])
+            whole = partial if sequence_sum is None else sequence_sum(partial)
+            seq_log_ratio = whole[0] / whole[1].clamp(min=1)
             log_ratio = seq_log_ratio.unsqueeze(1).expand_as(l_used)
         if ratio_cap is not None:
             # Cap in log space: min(rho, C) = exp(min(log rho, log C)). Capping after exp() would

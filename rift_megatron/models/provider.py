@@ -8,6 +8,7 @@ conversion tables.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rift_megatron.models.hf_config import ModelArchitecture, ModelConfigError
+from rift_megatron.models.performance import KernelPackages, OverlapRequest, PerformanceOptions, performance_options
 from rift_megatron.parallel import ParallelLayout
 from rift_megatron.platform import Platform, current_platform, resolve_layer_impl
 from rift_megatron.platform.device import LayerImpl
@@ -50,6 +52,18 @@ def validate_layout(arch: ModelArchitecture, layout: ParallelLayout) -> None:
             )
 
 
+def context_parallel_problem(layout: ParallelLayout, layer_impl: str | None) -> str | None:
+    """Why `layout`'s context parallelism cannot run with `layer_impl` (the resolved
+    model.layer_impl; None: unresolvable here), or None. Megatron-Core's local DotProductAttention
+    asserts context_parallel_size == 1: CP attention (ring attention) exists only in Transformer
+    Engine's, so on the CPU no CP model can run."""
+    if layout.context == 1 or layer_impl == "transformer_engine":
+        return None
+    return (f"parallel.context is {layout.context} but context parallelism needs Transformer Engine attention "
+            f"(model.layer_impl resolving to 'transformer_engine' on a CUDA GPU; here: {layer_impl or 'unavailable'}): "
+            "Megatron-Core's local attention refuses context_parallel_size > 1")
+
+
 @dataclass(frozen=True)
 class PrecisionConfig:
     """Parameter / compute dtype. On CPU we train in fp32 (bf16 matmuls are emulated and slow)."""
@@ -65,16 +79,56 @@ class PrecisionConfig:
         return _DTYPES[self.dtype]
 
 
+RECOMPUTE_CHOICES = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class RecomputeConfig:
+    """Activation recomputation (Megatron's `recompute_granularity`): trade compute for memory.
+
+    selective: recompute the core attention (softmax(QK^T)V) in the backward pass instead of
+    storing it; full: store only the input of `num_layers` transformer layers per group
+    (`method` uniform) or of the first `num_layers` layers of each stage (`method` block) and rerun
+    them. The math is unchanged (tests/unit/test_recompute.py).
+    """
+
+    granularity: str = "none"
+    method: str = "uniform"
+    num_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.granularity not in RECOMPUTE_CHOICES:
+            raise ValueError(f"training.recompute must be one of {list(RECOMPUTE_CHOICES)}, got {self.granularity!r}")
+        if self.method not in ("uniform", "block"):
+            raise ValueError(f"training.recompute_method must be 'uniform' or 'block', got {self.method!r}")
+        if self.num_layers < 1:
+            raise ValueError(f"training.recompute_num_layers must be >= 1, got {self.num_layers}")
+
+    def transformer_config_fields(self) -> dict:
+        if self.granularity == "none":
+            return {}
+        if self.granularity == "selective":
+            return {"recompute_granularity": "selective"}
+        return {"recompute_granularity": "full", "recompute_method": self.method,
+                "recompute_num_layers": self.num_layers}
+
+
 def build_transformer_config(
     arch: ModelArchitecture,
     layout: ParallelLayout,
     precision: PrecisionConfig = PrecisionConfig(),
     platform: Platform | None = None,
+    options: PerformanceOptions | None = None,
+    recompute: RecomputeConfig = RecomputeConfig(),
 ):
-    """The Megatron `TransformerConfig` equivalent to the HF architecture."""
+    """The Megatron `TransformerConfig` equivalent to the HF architecture, with the kernel
+    fusions of `options` (default: the table for `platform` with local layers, see
+    `models/performance.py`) and the activation recomputation of `recompute`."""
     from megatron.core.transformer import TransformerConfig
 
     platform = platform or current_platform()
+    options = options or performance_options(platform, "local", layout, KernelPackages.detect(),
+                                             use_distributed_optimizer=False)
     validate_layout(arch, layout)
     dtype = precision.torch_dtype
     return TransformerConfig(
@@ -96,6 +150,7 @@ def build_transformer_config(
         tensor_model_parallel_size=layout.tensor,
         pipeline_model_parallel_size=layout.pipeline,
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
         sequence_parallel=layout.sequence_parallel,
         # HF's sliding window lets token i see tokens i - (window - 1) .. i; Megatron's
         # (left, right) window counts the tokens to each side.
@@ -108,13 +163,9 @@ def build_transformer_config(
         # RIFT normalises by the token count Z of the whole global batch (docs/objective.md): the schedule
         # sums num_tokens over micro-batches and finalize_model_grads over data-parallel ranks.
         calculate_per_token_loss=True,
-        # Kernel fusions need apex / TE kernels; keep them off so both platforms run the same math.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        # Kernel fusions where the platform has the kernels (all off on the CPU: plain PyTorch math).
+        **options.transformer_config_fields(),
+        **recompute.transformer_config_fields(),
         # No CUDA graphs are captured (cuda_graph_impl stays "none"); the empty scope is what Megatron's
         # default "full" means, without its deprecation warning on every model built.
         cuda_graph_scope=[],
@@ -179,7 +230,7 @@ class GPTModelProvider:
     """Builds this rank's `GPTModel` (or one virtual-pipeline chunk of it).
 
     `layer_impl` is `model.layer_impl` ('auto' | 'transformer_engine' | 'local'), resolved once
-    here for the platform.
+    here for the platform; `options` is the kernel / overlap table for it (models/performance.py).
     """
 
     def __init__(
@@ -189,13 +240,33 @@ class GPTModelProvider:
         precision: PrecisionConfig = PrecisionConfig(),
         platform: Platform | None = None,
         layer_impl: str = "auto",
+        recompute: RecomputeConfig = RecomputeConfig(),
+        use_distributed_optimizer: bool = True,
+        overlap: OverlapRequest = OverlapRequest(),
     ) -> None:
         self.arch = arch
         self.layout = layout
+        self.precision = precision
+        self.recompute = recompute
         self.platform = platform or current_platform()
         self.layer_impl = resolve_layer_impl(layer_impl, self.platform)
-        self.config = build_transformer_config(arch, layout, precision, self.platform)
+        problem = context_parallel_problem(layout, self.layer_impl)
+        if problem:
+            raise ModelConfigError(problem)
+        # The one decision of fusions and overlaps: the model's config and DDP (training/setup.py) read it.
+        self.options = performance_options(self.platform, self.layer_impl, layout, KernelPackages.detect(),
+                                           use_distributed_optimizer, overlap)
+        self.config = build_transformer_config(arch, layout, precision, self.platform, self.options, recompute)
         self.padded_vocab_size = padded_vocab_size(arch.vocab_size, layout.tensor)
+
+    def with_options(self, options: PerformanceOptions) -> "GPTModelProvider":
+        """A copy that builds its model with `options` instead of this platform's table (e.g. the
+        fusions off on a GPU, to compare the fused kernels with plain PyTorch math)."""
+        other = copy.copy(self)
+        other.options = options
+        other.config = build_transformer_config(self.arch, self.layout, self.precision, self.platform, options,
+                                                self.recompute)
+        return other
 
     @classmethod
     def for_checkpoint_layout(cls, arch: ModelArchitecture) -> "GPTModelProvider":

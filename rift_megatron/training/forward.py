@@ -34,6 +34,11 @@ def forward_only(model: list, tokens: torch.Tensor, collect: Callable[[torch.Ten
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    if ps.get_context_parallel_world_size() > 1:
+        raise NotImplementedError(
+            "forward-only passes (the offline weight-push probe, `rift convert verify`) do not split the sequence "
+            "over context-parallel ranks: not implemented for parallel.context > 1"
+        )
     batch, seq = tokens.shape
     padded = seq + (-seq % _sequence_multiple(model))
     tokens = torch.nn.functional.pad(tokens, (0, padded - seq)).to(current_platform().device())

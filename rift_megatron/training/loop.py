@@ -39,6 +39,7 @@ from rift_megatron.config import (
     validate_for_world,
 )
 from rift_megatron.config.checks import response_lengths
+from rift_megatron.config.runtime import to_overlap_request, to_recompute_config
 from rift_megatron.convert.checkpoint_files import resolve_checkpoint
 from rift_megatron.data.lengths import length_budget, model_positions, render_within_budget
 from rift_megatron.data.prompts import load_prompts
@@ -113,7 +114,8 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank()
         self.state = setup_training(self.arch, layout, to_optim_config(cfg), to_precision_config(cfg),
                                     total_steps=cfg.training.steps, initial_weights=initial,
-                                    layer_impl=cfg.model.layer_impl)
+                                    layer_impl=cfg.model.layer_impl, recompute=to_recompute_config(cfg),
+                                    overlap=to_overlap_request(cfg))
         if cfg.checkpoint.dir:  # refuse now a directory the first checkpoint could not be written to
             parameters, weight_bytes = model_parameters(self.state.unwrapped_chunks(), ps.get_model_parallel_group())
             needed = checkpoint_bytes(parameters, weight_bytes, cfg.optim.use_distributed_optimizer)
@@ -137,6 +139,7 @@ class Trainer:
             Path(cfg.logging.dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.logging.dir) / "config.yaml").write_text(dump_yaml(cfg))
             print(f"resolved config{' (resumed from ' + str(resume_from) + ')' if resume_from else ''}:\n{dump_yaml(cfg)}")
+            print(f"kernels and overlap ({self.state.provider.platform.kind}): {self.state.provider.options.table()}")
         self._build_data()
 
     # ---- set-up ---------------------------------------------------------------------------

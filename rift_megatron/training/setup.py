@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from rift_megatron.models.hf_config import ModelArchitecture
-from rift_megatron.models.provider import GPTModelProvider, PrecisionConfig
+from rift_megatron.models.performance import OverlapRequest
+from rift_megatron.models.provider import GPTModelProvider, PrecisionConfig, RecomputeConfig
 from rift_megatron.parallel import ParallelLayout
 from rift_megatron.training.checkpoint import load_model_checkpoint
 
@@ -65,9 +66,16 @@ class TrainState:
         return self.provider.config
 
     def unwrapped_chunks(self) -> list[torch.nn.Module]:
-        """The GPTModel chunks without DDP / Float16Module (for sharded_state_dict and I/O)."""
+        """The GPTModel chunks without DDP / Float16Module (for sharded_state_dict and I/O), holding
+        the current weights. With `overlap_param_gather` the distributed optimizer's step updates
+        only this rank's shard and the next forward pass gathers the rest: whatever reads the
+        weights before that (weight push, checkpoint, statistics) gets the gather completed here
+        first. A collective over data parallel then: every rank calls this, as every caller does."""
         from megatron.core.utils import unwrap_model
 
+        if self.provider.options.overlap_param_gather:
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
         return unwrap_model(self.model)
 
 
@@ -97,12 +105,14 @@ def wrap_for_training(provider: GPTModelProvider, chunks: list[torch.nn.Module],
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
-    config = provider.config
+    config, options = provider.config, provider.options
     if config.bf16 or config.fp16:
         chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=options.overlap_grad_reduce,
+        overlap_param_gather=options.overlap_param_gather,
+        align_param_gather=options.align_param_gather,
         use_distributed_optimizer=optim.use_distributed_optimizer,
         # Non-finite gradients are skipped by train_step (counted, logged, weights unchanged),
         # not fatal: see step.gradients_finite.
@@ -160,14 +170,25 @@ def build_optimizer(provider: GPTModelProvider, model: list, optim: OptimConfig,
     return optimizer, scheduler
 
 
-def _wire_schedule_hooks(config, model: list, optimizer) -> None:
-    """The config callbacks Megatron's schedules call (as Megatron-LM's training.py sets them)."""
+def _wire_schedule_hooks(provider: GPTModelProvider, model: list, optimizer) -> None:
+    """The config callbacks Megatron's schedules call (as Megatron-LM's training.py sets them):
+    with overlapped communication the schedule starts each chunk's gradient reduction as its
+    backward ends (`grad_sync_func`) and, aligned over pipeline stages, its parameter all-gather
+    (`param_sync_func`)."""
     from megatron.core.distributed import finalize_model_grads
 
+    def per_chunk(method: str):
+        funcs = [getattr(chunk, method) for chunk in model]
+        return funcs[0] if len(funcs) == 1 else funcs
+
+    config, options = provider.config, provider.options
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    no_sync = [chunk.no_sync for chunk in model]
-    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.no_sync_func = per_chunk("no_sync")
+    if options.overlap_grad_reduce:
+        config.grad_sync_func = per_chunk("start_grad_sync")
+    if options.align_param_gather:
+        config.param_sync_func = per_chunk("start_param_sync")
 
 
 def setup_training(
@@ -178,6 +199,8 @@ def setup_training(
     total_steps: int = 1,
     initial_weights: str | Path | None = None,
     layer_impl: str = "auto",
+    recompute: RecomputeConfig = RecomputeConfig(),
+    overlap: OverlapRequest = OverlapRequest(),
 ) -> TrainState:
     """Model + optimizer + scheduler for an initialised `init_model_parallel(layout)`.
 
@@ -186,11 +209,18 @@ def setup_training(
     Without it the weights come from Megatron's seeded initialisation, which differs between
     pipeline layouts: compare layouts by loading the same weights.
     """
-    provider = GPTModelProvider(arch, layout, precision, layer_impl=layer_impl)
+    provider = GPTModelProvider(arch, layout, precision, layer_impl=layer_impl, recompute=recompute,
+                                use_distributed_optimizer=optim.use_distributed_optimizer, overlap=overlap)
+    return train_state(provider, optim, total_steps, initial_weights)
+
+
+def train_state(provider: GPTModelProvider, optim: OptimConfig, total_steps: int = 1,
+                initial_weights: str | Path | None = None) -> TrainState:
+    """`setup_training` for a provider built already (e.g. one given another option table)."""
     chunks = build_model_chunks(provider)
     if initial_weights is not None:
         load_model_checkpoint(chunks, initial_weights)
     model = wrap_for_training(provider, chunks, optim)
     optimizer, scheduler = build_optimizer(provider, model, optim, total_steps)
-    _wire_schedule_hooks(provider.config, model, optimizer)
+    _wire_schedule_hooks(provider, model, optimizer)
     return TrainState(provider=provider, model=model, optimizer=optimizer, scheduler=scheduler)

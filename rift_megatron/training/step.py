@@ -17,6 +17,7 @@ import torch.distributed as dist
 from rift_megatron.loss import LossSettings, count_sign_tokens, make_loss_func, reduce_loss_reports
 from rift_megatron.parallel import all_reduce_sum
 from rift_megatron.platform import current_platform
+from rift_megatron.training.context_parallel import context_parallel_share
 from rift_megatron.training.batch import TrainBatch, pad_sequences, split_micro_batches, validate_batch
 from rift_megatron.training.setup import TrainState
 
@@ -26,7 +27,10 @@ MetricsCheck = Callable[[dict[str, float]], None]
 
 
 def global_sign_token_counts(batch: Mapping[str, torch.Tensor], settings: LossSettings, dp_group) -> tuple[int, int]:
-    """(Z_pos, Z_neg) of the whole global batch: this rank's counts summed over data parallel."""
+    """(Z_pos, Z_neg) of the whole global batch: this rank's counts summed over data parallel.
+
+    Counted on whole sequences, before the context-parallel split, so summing over the
+    data-parallel group alone counts each token once (the CP ranks of one DP rank share its batch)."""
     counts = torch.stack(
         count_sign_tokens(batch["rewards"], batch["loss_mask"], algorithm=settings.algorithm)
     ).to(torch.int64)
@@ -73,10 +77,14 @@ def train_step(
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch = prepare_batch(batch, state)
-    micro_batches = split_micro_batches(batch, micro_batch_size)
+    seq_length = batch["tokens"].shape[1]  # the whole sequence: Megatron divides by CP itself
     dp_group = ps.get_data_parallel_group()
     tp_group = ps.get_tensor_model_parallel_group()
     counts = global_sign_token_counts(batch, settings, dp_group)
+    cp_size = ps.get_context_parallel_world_size()
+    cp_group = ps.get_context_parallel_group() if cp_size > 1 else None
+    batch = context_parallel_share(batch, cp_size, ps.get_context_parallel_rank())
+    micro_batches = split_micro_batches(batch, micro_batch_size)
     sign_counts = counts if settings.normalization == "per_sign" else None
     vocab_size = state.provider.arch.vocab_size
 
@@ -84,7 +92,8 @@ def train_step(
         micro_batch = next(data_iterator)
         output = model(micro_batch["tokens"], micro_batch["position_ids"], None)
         loss_func = make_loss_func(
-            micro_batch, settings, vocab_size=vocab_size, tp_group=tp_group, sign_token_counts=sign_counts
+            micro_batch, settings, vocab_size=vocab_size, tp_group=tp_group, sign_token_counts=sign_counts,
+            cp_group=cp_group,
         )
         return output, loss_func
 
@@ -97,11 +106,12 @@ def train_step(
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=state.model if len(state.model) > 1 else state.model[0],
         num_microbatches=len(micro_batches),
-        seq_length=batch["tokens"].shape[1],
+        seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    metrics = reduce_loss_reports(reports, group=dp_group) if ps.is_pipeline_last_stage() else None
+    report_group = ps.get_data_parallel_group(with_context_parallel=True)  # every token's report once
+    metrics = reduce_loss_reports(reports, group=report_group) if ps.is_pipeline_last_stage() else None
     metrics = dict(_broadcast_from_last_stage(metrics))
     if check is not None:
         check(metrics)

@@ -24,6 +24,7 @@ from rift_megatron.training.batch import shard_for_data_parallel
 from rift_megatron.training.checkpoint import load_model_checkpoint, save_model_checkpoint
 from rift_megatron.training.setup import OptimConfig, build_model_chunks, setup_training
 from rift_megatron.training.step import train_step
+from rift_megatron.models.performance import OverlapRequest
 from rift_megatron.models.provider import GPTModelProvider
 from tests.synthetic_batch import mixed_reward_batch
 
@@ -54,6 +55,7 @@ def train_run(spec: dict, run: dict, work: Path) -> None:
         OptimConfig(lr=LR, use_distributed_optimizer=run.get("distributed_optimizer", True)),
         total_steps=spec["steps"],
         initial_weights=work / "init",
+        overlap=OverlapRequest(**run.get("overlap", {})),
     )
     settings = LossSettings(**run.get("loss", {}))
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -76,10 +78,23 @@ def train_run(spec: dict, run: dict, work: Path) -> None:
                for step in range(spec["steps"])]
     if capture and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         torch.save(grads, work / f"{run['name']}.grads.pp{ps.get_pipeline_model_parallel_rank()}.pt")
+    stale = _stale_weights(state)
     save_model_checkpoint(state.unwrapped_chunks(), work / run["name"])
     if dist.get_rank() == 0:
-        (work / f"{run['name']}.json").write_text(json.dumps({"dp": dp_size, "history": history}))
+        report = {"dp": dp_size, "history": history, "stale_before_sync": stale,
+                  "overlap": [state.provider.options.overlap_grad_reduce, state.provider.options.overlap_param_gather]}
+        (work / f"{run['name']}.json").write_text(json.dumps(report))
     destroy_model_parallel()
+
+
+def _stale_weights(state) -> float:
+    """How far the module's weights are, before `unwrapped_chunks()` completes the parameter
+    all-gather, from what it returns (0 without overlap_param_gather; this rank's view)."""
+    from megatron.core.utils import unwrap_model
+
+    before = [p.detach().clone() for chunk in unwrap_model(state.model) for p in chunk.parameters()]
+    after = [p.detach() for chunk in state.unwrapped_chunks() for p in chunk.parameters()]
+    return max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True))
 
 
 def compare_runs(spec: dict, work: Path) -> None:

@@ -1,6 +1,7 @@
 """TP / PP / VPP / DP layouts train to the same loss and weights as TP1 (docs/objective.md property 4).
 
-Every run starts from the same initial weights (a dist_checkpointing checkpoint written at TP1
+The DP runs with overlapped gradient reduction / parameter all-gather (Megatron DDP, off by default on
+the CPU) are compared the same way. Every run starts from the same initial weights (a dist_checkpointing checkpoint written at TP1
 and resharded on load), trains three Adam steps with the RIFT loss on the same global batch of
 mixed-sign rewards, and saves its final weights; all final weights are then loaded into one TP1
 model and compared tensor by tensor. Real processes, gloo, real Megatron-Core schedules.
@@ -52,6 +53,9 @@ DOUBLE = [
     {"name": "dp2_per_sign", "tp": 1, "pp": 1, "loss": PER_SIGN},
     {"name": "tp2_sp", "tp": 2, "pp": 1, "sp": True},
     {"name": "tp2_sp_odd", "tp": 2, "pp": 1, "sp": True, **ODD},
+    {"name": "dp2_overlap", "tp": 1, "pp": 1, "overlap": {"grad_reduce": True, "param_gather": True}},
+    {"name": "dp2_overlap_plain_optimizer", "tp": 1, "pp": 1, "distributed_optimizer": False,
+     "overlap": {"grad_reduce": True}},
 ]
 QUAD = [
     {"name": "tp2pp2", "tp": 2, "pp": 2},
@@ -60,6 +64,7 @@ QUAD = [
     {"name": "pp4", "tp": 1, "pp": 4},
     {"name": "tp2pp2_per_sign", "tp": 2, "pp": 2, "loss": PER_SIGN},
     {"name": "tp2pp2_sp", "tp": 2, "pp": 2, "sp": True},
+    {"name": "pp2vpp2dp2_overlap", "tp": 1, "pp": 2, "vpp": 2, "overlap": {"grad_reduce": True, "param_gather": True}},
 ]
 BASELINES = ("tp1", "tp1_per_sign", "tp1_odd")
 BASELINE_OF = {
@@ -141,6 +146,25 @@ def test_layout_gradients_match_tp1_including_their_scale(results, name):
     assert ours.keys() == reference.keys()
     worst = {key: ((ours[key] - reference[key]).abs().max() / reference[key].abs().max()).item() for key in reference}
     assert max(worst.values()) <= 1e-4, sorted(worst.items(), key=lambda item: -item[1])[:5]
+
+
+OVERLAP_RUNS = {"dp2_overlap": [True, True], "dp2_overlap_plain_optimizer": [True, False],
+                "pp2vpp2dp2_overlap": [True, True]}
+
+
+def test_overlapped_communication_was_on_and_its_weights_are_gathered_before_they_are_read(results):
+    """The overlap runs (compared with TP1 above like every layout) really overlapped, and with the
+    parameter all-gather deferred to the next forward pass the module's weights after the last step
+    are stale until `unwrapped_chunks()` completes it: what a weight push or checkpoint would
+    otherwise have read. Without the overlap nothing is deferred."""
+    histories = results["histories"]
+    for name, overlap in OVERLAP_RUNS.items():
+        assert histories[name]["overlap"] == overlap, name
+        assert histories[name]["dp"] == 2, name
+    for name in ("dp2_overlap", "pp2vpp2dp2_overlap"):
+        assert histories[name]["stale_before_sync"] > LR / 2, name
+    assert histories["dp2"]["stale_before_sync"] == 0.0
+    assert histories["dp2"]["overlap"] == [False, False]  # the CPU default
 
 
 def test_per_sign_differs_from_global_normalisation(results):

@@ -272,6 +272,12 @@ def test_missing_config_file():
         (["eval.stop_at_accuracy=0.5"], "config key 'eval.stop_at_accuracy' (in override 'eval.stop_at_accuracy=0.5') "
          "needs periodic evaluations: set eval.interval > 0"),
         (["eval.stop_at_accuracy=1.5"], "must be <= 1, got 1.5"),
+        (["parallel.overlap_param_gather=true", "optim.use_distributed_optimizer=false"],
+         "config key 'parallel.overlap_param_gather' (in override 'parallel.overlap_param_gather=true') "
+         "needs optim.use_distributed_optimizer: true"),
+        (["parallel.overlap_param_gather=true", "parallel.overlap_grad_reduce=false"],
+         "needs parallel.overlap_grad_reduce (true or null)"),
+        (["training.recompute=partial"], "training.recompute"),
     ],
 )
 def test_values_out_of_range_or_inconsistent_are_named(overrides, message):
@@ -332,11 +338,39 @@ def test_valid_config_returns_the_data_parallel_size(ready):
     assert validate_for_world(cfg, 4) == 2
 
 
+def test_full_recompute_groups_must_fit_in_one_model_chunk(ready):
+    """The tiny model has 4 layers: 2 per stage at PP2, 1 per virtual chunk at PP2 x VPP2."""
+    full = dataclasses.replace(ready.training, recompute="full", recompute_num_layers=2)
+    assert validate_for_world(dataclasses.replace(ready, training=full), 1) == 1
+    pp2 = dataclasses.replace(ready, training=full, parallel=dataclasses.replace(ready.parallel, pipeline=2,
+                                                                                   virtual_pipeline=2))
+    assert world_error(pp2, 2) == [
+        "training.recompute_num_layers (2) is more than the 1 layers of one model chunk (4 layers / 4 pipeline chunks)"
+    ]
+
+
 def test_tp_times_pp_must_divide_the_world_size(ready):
     cfg = load_config(None, ["parallel.tensor=2", "parallel.pipeline=2", f"model.hf_dir={ready.model.hf_dir}",
                              f"data.prompts={ready.data.prompts}", "data.prompts_per_step=6",
                              "training.global_batch_size=48"])
-    assert world_error(cfg, 6) == ["parallel.tensor (2) x parallel.pipeline (2) = 4 does not divide the world size 6"]
+    assert world_error(cfg, 6) == [
+        "parallel.tensor (2) x parallel.pipeline (2) x parallel.context (1) = 4 does not divide the world size 6"
+    ]
+
+
+def test_context_parallelism_counts_in_the_world_and_is_refused_without_transformer_engine(ready):
+    """world = TP x PP x CP x DP; on this machine (no CUDA, so local layers) CP > 1 cannot run:
+    one line naming the key and saying what it needs, next to the size problem."""
+    cp2 = dataclasses.replace(ready, parallel=dataclasses.replace(ready.parallel, context=2))
+    assert to_parallel_layout(cp2).context == 2
+    refusal = ("parallel.context is 2 but context parallelism needs Transformer Engine attention (model.layer_impl "
+               "resolving to 'transformer_engine' on a CUDA GPU; here: local): Megatron-Core's local attention "
+               "refuses context_parallel_size > 1")
+    assert world_error(cp2, 2) == [refusal]
+    lines = world_error(cp2, 3)
+    assert lines[0] == "parallel.tensor (1) x parallel.pipeline (1) x parallel.context (2) = 2 does not divide the world size 3"
+    assert lines[-1] == refusal
+    assert error_of(None, ["parallel.context=0"]).startswith("config key 'parallel.context'")
 
 
 def test_global_batch_must_split_into_micro_batches_times_dp(ready):

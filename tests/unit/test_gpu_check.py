@@ -279,3 +279,42 @@ def test_train_command_spells_values_as_the_config_loader_reads_them():
 
     cfg = load_config(None, command[-3:])
     assert cfg.model.mcore_ckpt is None and cfg.parallel.sequence_parallel is False and cfg.optim.lr == 1e-3
+
+
+# ---- kernel_options: the probe and its verdict ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_probe(tmp_path_factory) -> dict:
+    """kernel_probe.py as the check runs it, on the CPU (tiny model): the CPU table, all variants."""
+    from tests.environment import subprocess_env
+
+    out = tmp_path_factory.mktemp("probe") / "probe.json"
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check_parts" / "kernel_probe.py"), "--out", str(out),
+                           "--model", "tiny"], env=subprocess_env(CUDA_VISIBLE_DEVICES=""), cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_the_kernel_probe_runs_every_variant_and_passes_on_the_cpu(cpu_probe):
+    verdict = gpu_check.kernel_problems(cpu_probe)
+    assert verdict["passed"], verdict["problems"]
+    assert cpu_probe["platform"] == "cpu" and set(verdict["comparisons"]) == {"platform", "selective", "full"}
+    assert not any(cpu_probe["variants"]["platform"]["config_fields"].values())  # the CPU table: no fusion
+
+
+@pytest.mark.parametrize("plant, fragment", [
+    (lambda p: p["variants"]["full"]["metrics"][1].update(loss=p["variants"]["full"]["metrics"][1]["loss"] * 1.001),
+     "full vs unfused: step 2: loss"),
+    (lambda p: p["variants"]["platform"]["config_fields"].update(bias_activation_fusion=True),
+     "platform: the model's config"),
+    (lambda p: p["variants"]["selective"].update(recompute_granularity=None), "selective: recompute_granularity None"),
+    (lambda p: p.update(platform="cuda"), "CUDA table without bias_activation_fusion"),
+    (lambda p: p["variants"].pop("unfused"), "variants missing: ['unfused']"),
+])
+def test_the_kernel_verdict_fails_on_a_planted_fault(cpu_probe, plant, fragment):
+    probe = json.loads(json.dumps(cpu_probe))
+    plant(probe)
+    verdict = gpu_check.kernel_problems(probe)
+    assert not verdict["passed"] and any(fragment in p for p in verdict["problems"]), verdict["problems"]

@@ -590,7 +590,7 @@ def test_layout_error_for_intermediate_size():
 @pytest.mark.parametrize(
     "layout",
     [ParallelLayout(tensor=2), ParallelLayout(pipeline=4), ParallelLayout(pipeline=2, virtual_pipeline=2),
-     ParallelLayout(tensor=2, pipeline=2, sequence_parallel=True)],
+     ParallelLayout(tensor=2, pipeline=2, sequence_parallel=True), ParallelLayout(tensor=2, context=2)],
 )
 def test_valid_layouts_accepted(layout):
     validate_layout(TINY, layout)
@@ -599,6 +599,17 @@ def test_valid_layouts_accepted(layout):
     assert config.pipeline_model_parallel_size == layout.pipeline
     assert config.virtual_pipeline_model_parallel_size == layout.virtual_pipeline
     assert config.sequence_parallel == layout.sequence_parallel
+    assert config.context_parallel_size == layout.context
+
+
+def test_context_parallel_model_with_local_layers_is_refused_naming_the_key():
+    """Megatron-Core's local attention asserts CP == 1 only when the model is built deep inside
+    GPTModel; the provider refuses first, in one line that says what CP needs."""
+    with pytest.raises(ModelConfigError) as error:
+        GPTModelProvider(TINY, ParallelLayout(context=2), layer_impl="local")
+    assert str(error.value).startswith("parallel.context is 2 but context parallelism needs Transformer Engine")
+    with pytest.raises(ParallelConfigError, match="parallel.context must be >= 1, got 0"):
+        ParallelLayout(context=0)
 
 
 def test_parallel_layout_errors():
