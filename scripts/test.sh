@@ -11,11 +11,11 @@ if [[ $# -gt 0 ]]; then
   exec .venv/bin/python -m pytest -q --timeout=1200 "$@"
 fi
 log="$(mktemp)"
-.venv/bin/python -m pytest -q --timeout=1200 tests/distributed tests/e2e \
+.venv/bin/python -m pytest -q --durations=25 --timeout=1200 tests/distributed tests/e2e \
   --ignore=tests/distributed/test_faults.py >"$log" 2>&1 &
 multi=$!
 status=0
-.venv/bin/python -m pytest -q --timeout=1200 tests/unit tests/real_model tests/distributed/test_faults.py || status=$?
+.venv/bin/python -m pytest -q --durations=25 --timeout=1200 tests/unit tests/real_model tests/distributed/test_faults.py || status=$?
 wait "$multi" || status=$?
 echo "---- tests/distributed (but test_faults.py) tests/e2e ----"
 cat "$log"
