@@ -223,7 +223,10 @@ def _world_problems(cfg: RiftConfig, world_size: int) -> Iterator[str]:
         )
     else:
         dp = world_size // (tp * pp)
-        if gbs % (mbs * dp):
+        if cfg.training.max_tokens_per_micro_batch is not None:
+            if gbs % dp:
+                yield f"training.global_batch_size ({gbs}) is not divisible by the data-parallel size ({dp})"
+        elif gbs % (mbs * dp):
             yield (
                 f"training.global_batch_size ({gbs}) is not divisible by training.micro_batch_size ({mbs}) "
                 f"x data-parallel size ({dp}) = {mbs * dp}"

@@ -224,6 +224,15 @@ class TrainingConfig:
     )
     global_batch_size: int = _f(64, "Samples per optimizer step, over all data-parallel ranks.", min=1)
     micro_batch_size: int = _f(4, "Samples per forward/backward pass on one rank.", min=1)
+    max_tokens_per_micro_batch: int | None = _f(
+        None,
+        "Pack micro-batches by length instead: samples sorted by length share a micro-batch while its "
+        "samples x its longest sample (in tokens, padding included) stay within this budget, and each "
+        "micro-batch is padded only to its own longest sample (a longer sample goes alone); "
+        "micro_batch_size is then unused. Loss and gradients are those of the unpacked batch. null: "
+        "micro_batch_size samples per micro-batch, all padded to the rank's longest sample.",
+        min=1,
+    )
     seed: int = _f(1234, "Seed of model init, data order, sampling and dropout.", min=0)
     max_consecutive_nonfinite: int = _f(
         3, "A step whose gradients are not finite is skipped (weights unchanged, logged as nonfinite=1); "

@@ -36,6 +36,12 @@ PER_SIGN = {"normalization": "per_sign"}
 # Sequence parallelism (SequenceParallelRMSNorm on the local spec): a 24-token batch, and a 23-token
 # one that the trainer pads to the TP multiple (its baseline is TP1 on the same 23 tokens).
 ODD = {"seq_len": 23}
+# Packing (training.max_tokens_per_micro_batch): a batch whose rows end between 4 and 24 tokens
+# (one without loss tokens), unpacked in micro-batches of 2 ("ragged") and packed into 40 padded
+# tokens per micro-batch: at TP1 [1 x 22], [2 x 17], [2 x 14], [3 x 9]; at DP2 the two ranks run 2
+# and 3 micro-batches (4 and 4 under VPP, which needs a multiple of PP).
+RAGGED = {"shortest": 4}
+PACKED = {**RAGGED, "max_tokens": 40}
 SINGLE = [
     {"name": "tp1", "tp": 1, "pp": 1},
     {"name": "tp1_odd", "tp": 1, "pp": 1, **ODD},
@@ -43,6 +49,8 @@ SINGLE = [
     {"name": "tp1_mb4", "tp": 1, "pp": 1, "micro_batch_size": 4},
     {"name": "tp1_per_sign", "tp": 1, "pp": 1, "loss": PER_SIGN},
     {"name": "tp1_per_sign_mb1", "tp": 1, "pp": 1, "micro_batch_size": 1, "loss": PER_SIGN},
+    {"name": "tp1_ragged", "tp": 1, "pp": 1, **RAGGED},
+    {"name": "tp1_packed", "tp": 1, "pp": 1, **PACKED},
 ]
 DOUBLE = [
     {"name": "tp2", "tp": 2, "pp": 1},
@@ -52,6 +60,8 @@ DOUBLE = [
     {"name": "dp2_per_sign", "tp": 1, "pp": 1, "loss": PER_SIGN},
     {"name": "tp2_sp", "tp": 2, "pp": 1, "sp": True},
     {"name": "tp2_sp_odd", "tp": 2, "pp": 1, "sp": True, **ODD},
+    {"name": "dp2_packed", "tp": 1, "pp": 1, **PACKED},
+    {"name": "tp2_sp_packed", "tp": 2, "pp": 1, "sp": True, **PACKED},
 ]
 QUAD = [
     {"name": "tp2pp2", "tp": 2, "pp": 2},
@@ -60,12 +70,21 @@ QUAD = [
     {"name": "pp4", "tp": 1, "pp": 4},
     {"name": "tp2pp2_per_sign", "tp": 2, "pp": 2, "loss": PER_SIGN},
     {"name": "tp2pp2_sp", "tp": 2, "pp": 2, "sp": True},
+    {"name": "tp2pp2_ragged", "tp": 2, "pp": 2, **RAGGED},
+    {"name": "tp2pp2_packed", "tp": 2, "pp": 2, **PACKED},
+    {"name": "pp2vpp2dp2_packed", "tp": 1, "pp": 2, "vpp": 2, **PACKED},
 ]
-BASELINES = ("tp1", "tp1_per_sign", "tp1_odd")
-BASELINE_OF = {
-    run["name"]: "tp1_per_sign" if "per_sign" in run["name"] else "tp1_odd" if "odd" in run["name"] else "tp1"
-    for run in SINGLE + DOUBLE + QUAD
-}
+BASELINES = ("tp1", "tp1_per_sign", "tp1_odd", "tp1_ragged")
+
+
+def _baseline(name: str) -> str:
+    for kind in ("per_sign", "odd"):
+        if kind in name:
+            return f"tp1_{kind}"
+    return "tp1_ragged" if "ragged" in name or "packed" in name else "tp1"
+
+
+BASELINE_OF = {run["name"]: _baseline(run["name"]) for run in SINGLE + DOUBLE + QUAD}
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +95,8 @@ def results(tmp_path_factory) -> dict:
     run_torchrun(WORKER, 2, {**common, "runs": DOUBLE}, work)
     run_torchrun(WORKER, 4, {**common, "runs": QUAD}, work)
     compared = [name for name in BASELINE_OF if name not in BASELINES]
-    for baseline in BASELINES:
-        names = [name for name in compared if BASELINE_OF[name] == baseline]
-        run_torchrun(WORKER, 1, {**common, "baseline": baseline, "compare": names}, work)
-        (work / f"compare-{baseline}.json").write_text((work / "compare.json").read_text())
+    comparisons = {baseline: [name for name in compared if BASELINE_OF[name] == baseline] for baseline in BASELINES}
+    run_torchrun(WORKER, 1, {**common, "compare": comparisons}, work)
     histories = {name: json.loads((work / f"{name}.json").read_text()) for name in BASELINE_OF}
     diffs = {}
     for baseline in BASELINES:
