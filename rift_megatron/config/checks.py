@@ -84,6 +84,11 @@ def _cross_field_problems(cfg: RiftConfig) -> Iterator[tuple[str, str]]:
         yield "parallel.sequence_parallel", f"needs parallel.tensor >= 2, got parallel.tensor = {par.tensor}"
     if par.virtual_pipeline is not None and par.pipeline < 2:
         yield "parallel.virtual_pipeline", f"needs parallel.pipeline >= 2, got parallel.pipeline = {par.pipeline}"
+    if cfg.training.max_tokens_per_micro_batch is not None and par.virtual_pipeline is not None:
+        yield "training.max_tokens_per_micro_batch", (
+            "does not work with parallel.virtual_pipeline (Megatron-Core 0.16.1's interleaved schedule "
+            "mixes up micro-batches of different shapes): set one of them to null"
+        )
     if opt.min_lr > opt.lr:
         yield "optim.min_lr", f"must be <= optim.lr ({_num(opt.lr)}), got {_num(opt.min_lr)}"
     if opt.lr_decay_steps is not None and opt.lr_warmup_steps >= opt.lr_decay_steps:

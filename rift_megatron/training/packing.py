@@ -16,6 +16,11 @@ order. Which samples share a micro-batch is a deterministic function of the rank
 stage of a pipeline (they see the same data) builds the same micro-batches; data-parallel ranks may
 build different numbers of them (Megatron reduces gradients once per step, after the last one).
 
+Not with virtual pipeline stages: under Megatron-Core 0.16.1's interleaved schedule (PP2 x VPP2,
+`variable_seq_lengths` on) a backward pass received a gradient of another micro-batch's shape
+("Mismatch in shape: grad_output[0] has a shape of [14, 1, 128] and output[0] has a shape of
+[22, 1, 128]"); the cause inside Megatron was not found. The config refuses the combination.
+
 The packing is "next-fit decreasing": consecutive samples in length order share a micro-batch
 while the budget holds. Under a padded cost (count x longest) a sample added to an earlier, wider
 micro-batch pays that micro-batch's width; consecutive grouping pays only the gap to the next
@@ -30,7 +35,7 @@ import torch
 
 from rift_megatron.training.batch import TrainBatch, validate_batch
 
-__all__ = ["pack_by_tokens", "packed_micro_batches", "sample_lengths", "split_to_multiple"]
+__all__ = ["pack_by_tokens", "packed_micro_batches", "sample_lengths"]
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -67,33 +72,13 @@ def pack_by_tokens(lengths: Sequence[int], max_tokens: int, multiple: int = 1) -
     return groups
 
 
-def split_to_multiple(groups: list[list[int]], multiple: int) -> list[list[int]]:
-    """`groups` with the largest ones halved until their number is a multiple of `multiple` (the
-    interleaved pipeline schedule needs the micro-batch count to be a multiple of the pipeline
-    size). Halving keeps every group within the budget it was packed to."""
-    groups = [list(group) for group in groups]
-    while len(groups) % multiple:
-        largest = max(range(len(groups)), key=lambda g: (len(groups[g]), -g))
-        group = groups[largest]
-        if len(group) < 2:
-            raise ValueError(
-                f"{sum(map(len, groups))} samples cannot be cut into a multiple of {multiple} micro-batches "
-                "(virtual pipeline parallelism needs one): give each data-parallel rank more samples"
-            )
-        half = len(group) // 2
-        groups[largest:largest + 1] = [group[:half], group[half:]]
-    return groups
-
-
-def packed_micro_batches(
-    batch: Mapping[str, torch.Tensor], max_tokens: int, multiple: int = 1, count_multiple: int = 1
-) -> list[TrainBatch]:
+def packed_micro_batches(batch: Mapping[str, torch.Tensor], max_tokens: int, multiple: int = 1) -> list[TrainBatch]:
     """A (per-rank, already padded to `multiple`) batch as micro-batches of at most `max_tokens`
     padded tokens each (a longer sample alone), each cut to its own longest sample rounded up to
-    `multiple`; their number is a multiple of `count_multiple`."""
+    `multiple`."""
     validate_batch(batch)
     lengths = sample_lengths(batch)
-    groups = split_to_multiple(pack_by_tokens(lengths, max_tokens, multiple), count_multiple)
+    groups = pack_by_tokens(lengths, max_tokens, multiple)
     micro_batches = []
     for group in groups:
         width = _round_up(max(lengths[i] for i in group), multiple)

@@ -59,13 +59,14 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], state: TrainState) -> Train
 def micro_batches_of(batch: TrainBatch, state: TrainState, micro_batch_size: int,
                      max_tokens_per_micro_batch: int | None) -> list[TrainBatch]:
     """A prepared batch cut for the schedule: `micro_batch_size` samples each, or packed by length
-    into `max_tokens_per_micro_batch` padded tokens each (training/packing.py; the interleaved
-    schedule gets a multiple of the pipeline size)."""
+    into `max_tokens_per_micro_batch` padded tokens each (training/packing.py; not with virtual
+    pipeline stages, whose schedule mixes up differently shaped micro-batches)."""
     if max_tokens_per_micro_batch is None:
         return split_micro_batches(batch, micro_batch_size)
     layout = state.provider.layout
-    return packed_micro_batches(batch, max_tokens_per_micro_batch, multiple=layout.sequence_multiple,
-                                count_multiple=layout.pipeline if layout.virtual_pipeline else 1)
+    if layout.virtual_pipeline:
+        raise ValueError("packed micro-batches (max_tokens_per_micro_batch) do not work with virtual pipeline stages")
+    return packed_micro_batches(batch, max_tokens_per_micro_batch, multiple=layout.sequence_multiple)
 
 
 @contextmanager

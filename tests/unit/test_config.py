@@ -268,6 +268,8 @@ def test_missing_config_file():
         (["rollout.top_k=0"], "must be -1 (off) or >= 1, got 0"),
         (["training.max_tokens_per_micro_batch=0"], "config key 'training.max_tokens_per_micro_batch' (in override "
          "'training.max_tokens_per_micro_batch=0') must be >= 1, got 0"),
+        (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "training.max_tokens_per_micro_batch=4096"],
+         "does not work with parallel.virtual_pipeline"),
         (["checkpoint.interval=5"], "is 5 but checkpoint.dir is null"),
         (["eval.interval=5"], "is 5 but eval.prompts is null"),
         (["eval.k=4"], "is 4 but eval.temperature is 0 (greedy)"),

@@ -1,7 +1,7 @@
 """Packing micro-batches by length (rift_megatron/training/packing.py): the plan and the tensors.
 
 The loss and gradients of packed vs unpacked training (TP1, DP2, TP2 with sequence parallelism,
-TP2xPP2, PP2xVPP2) are compared in tests/distributed/test_parallel_equivalence.py; here are the
+TP2xPP2) are compared in tests/distributed/test_parallel_equivalence.py; here are the
 properties of the plan itself and of the micro-batches cut from it.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rift_megatron.training.batch import pad_sequences
-from rift_megatron.training.packing import pack_by_tokens, packed_micro_batches, sample_lengths, split_to_multiple
+from rift_megatron.training.packing import pack_by_tokens, packed_micro_batches, sample_lengths
 from tests.synthetic_batch import mixed_reward_batch
 
 
@@ -58,13 +58,6 @@ def test_bad_budget_is_refused():
         pack_by_tokens([3], 0)
 
 
-def test_split_to_multiple_halves_the_largest_groups():
-    assert split_to_multiple([[0, 1, 2, 3], [4]], 2) == [[0, 1, 2, 3], [4]]
-    assert split_to_multiple([[0, 1, 2, 3], [4]], 4) == [[0], [1], [2, 3], [4]]
-    with pytest.raises(ValueError, match="cannot be cut into a multiple of 4 micro-batches"):
-        split_to_multiple([[0, 1], [2]], 4)
-
-
 @pytest.mark.parametrize("multiple", [1, 2])
 def test_micro_batches_are_the_rows_cut_to_their_own_longest_sample(multiple):
     """Each micro-batch holds its samples' rows, unchanged up to the micro-batch's width (a
@@ -87,9 +80,3 @@ def test_micro_batches_are_the_rows_cut_to_their_own_longest_sample(multiple):
             assert torch.equal(value, expected), key
     assert sum(float(mb["loss_mask"].sum()) for mb in micro_batches) == float(batch["loss_mask"].sum())
     assert sum(mb["tokens"].numel() for mb in micro_batches) < batch["tokens"].numel()
-
-
-def test_interleaved_schedules_get_a_multiple_of_the_pipeline_size():
-    batch = mixed_reward_batch(seed=7, shortest=4)
-    counts = {m: len(packed_micro_batches(batch, 40, count_multiple=m)) for m in (1, 2, 4)}
-    assert counts[1] == 4 and counts[2] % 2 == 0 and counts[4] % 4 == 0
