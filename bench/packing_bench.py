@@ -13,15 +13,18 @@ process, interleaved, the median of --reps repetitions:
     ideal   every sample alone at its own length: no position computed is padding (it pays one
             micro-batch per sample, which true THD packing on a GPU would not).
 
-Tokens/s counts the samples' own tokens (prompt + response) for all three. Lengths are drawn
+Tokens/s counts the samples' own tokens (prompt + response) for all three, per second of this
+process's CPU time (all its threads): the machine is shared, and CPU time does not count the time
+other processes hold the cores (wall-clock tokens/s are reported too). Lengths are drawn
 log-uniformly between 20 and 2000 tokens (prompts 10..100 tokens, the rest response), rewards of
 both signs. The model is a random-init Llama-shaped model (hidden 256, 2 layers, 4 heads of 64,
 2 KV heads, vocabulary 1024) in fp32 at TP1, on the CPU.
 
-    PYTHONPATH=. python bench/packing_bench.py            # 32 samples, 3 repetitions
+    PYTHONPATH=. python bench/packing_bench.py            # 24 samples, 2 repetitions
     PYTHONPATH=. python bench/packing_bench.py --quick    # 12 samples, 1 repetition (a smoke run)
 
-`packing_row(quick)` returns {"ratio": packed / ideal tokens/s, "details": {...}} for a bench suite.
+`packing_row(quick)` returns {"ratio": packed / ideal tokens per CPU-second, "details": {...}} for a
+bench suite.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not inst
 SHORTEST, LONGEST = 20, 2000
 MODEL = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1024, "max_position_embeddings": 2048}
-FULL = {"samples": 32, "reps": 3}
+FULL = {"samples": 24, "reps": 2}
 QUICK = {"samples": 12, "reps": 1}
 TARGET = 0.8
 
@@ -89,22 +92,26 @@ def measure(samples: int, reps: int, micro_batch_size: int = 4, seed: int = 0) -
                                                                               micro_batch_size, limit)]
                   for mode, limit in modes.items()}
         seconds: dict[str, list[float]] = {mode: [] for mode in modes}
+        wall: dict[str, list[float]] = {mode: [] for mode in modes}
         pad: dict[str, float] = {}
         for mode, limit in modes.items():  # warm-up, untimed
             pad[mode] = train_step(state, batch, settings, micro_batch_size, max_tokens_per_micro_batch=limit)["pad_fraction"]
         for _ in range(reps):
             for mode, limit in modes.items():
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 train_step(state, batch, settings, micro_batch_size, max_tokens_per_micro_batch=limit)
-                seconds[mode].append(time.perf_counter() - started)
+                seconds[mode].append(time.process_time() - cpu)
+                wall[mode].append(time.perf_counter() - started)
     finally:
         destroy_model_parallel()
     rate = {mode: tokens / statistics.median(times) for mode, times in seconds.items()}
+    wall_rate = {mode: tokens / statistics.median(times) for mode, times in wall.items()}
     return {
         "ratio": rate["packed"] / rate["ideal"],
         "details": {
             "packed_over_padded": rate["packed"] / rate["padded"],
-            "tokens_per_s": rate, "seconds": seconds, "pad_fraction": pad,
+            "tokens_per_cpu_s": rate, "cpu_seconds": seconds, "wall_tokens_per_s": wall_rate, "wall_seconds": wall,
+            "wall_packed_over_ideal": wall_rate["packed"] / wall_rate["ideal"], "pad_fraction": pad,
             "micro_batches": {mode: len(s) for mode, s in shapes.items()}, "micro_batch_shapes": shapes,
             "samples": samples, "tokens": tokens, "budget": budget, "micro_batch_size": micro_batch_size,
             "reps": reps, "model": MODEL, "load_average_1min": os.getloadavg()[0], "target": TARGET,
@@ -113,7 +120,7 @@ def measure(samples: int, reps: int, micro_batch_size: int = 4, seed: int = 0) -
 
 
 def packing_row(quick: bool = False) -> dict:
-    """The bench suite's `packing` row: {"ratio": packed / ideal tokens/s, "details": ...}."""
+    """The bench suite's `packing` row: {"ratio": packed / ideal tokens per CPU-second, "details": ...}."""
     return measure(**(QUICK if quick else FULL))
 
 
@@ -132,11 +139,12 @@ def main(argv=None) -> int:
     print(f"{d['samples']} samples, {d['tokens']} tokens (log-uniform {SHORTEST}..{LONGEST}), "
           f"budget {d['budget']} tokens per micro-batch, {d['reps']} reps, load average {d['load_average_1min']:.1f}")
     for mode in ("padded", "packed", "ideal"):
-        print(f"  {mode:7s} {d['tokens_per_s'][mode]:9.1f} tokens/s  {d['micro_batches'][mode]:3d} micro-batches  "
+        print(f"  {mode:7s} {d['tokens_per_cpu_s'][mode]:8.1f} tokens/CPU-s {d['wall_tokens_per_s'][mode]:8.1f} tokens/s (wall)  "
+              f"{d['micro_batches'][mode]:3d} micro-batches  "
               f"padding {d['pad_fraction'][mode]:.3f} of computed positions")
     verdict = "PASS" if result["ratio"] >= TARGET else "FAIL"
-    print(f"packed / ideal = {result['ratio']:.3f} (target >= {TARGET}: {verdict}); "
-          f"packed / padded = {d['packed_over_padded']:.2f}")
+    print(f"packed / ideal = {result['ratio']:.3f} per CPU-second (target >= {TARGET}: {verdict}), "
+          f"{d['wall_packed_over_ideal']:.3f} wall-clock; packed / padded = {d['packed_over_padded']:.2f}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(result, out, indent=1)

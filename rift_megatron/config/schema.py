@@ -226,10 +226,11 @@ class TrainingConfig:
     micro_batch_size: int = _f(4, "Samples per forward/backward pass on one rank.", min=1)
     max_tokens_per_micro_batch: int | None = _f(
         None,
-        "Pack micro-batches by length instead: samples sorted by length share a micro-batch while its "
-        "samples x its longest sample (in tokens, padding included) stay within this budget, and each "
-        "micro-batch is padded only to its own longest sample (a longer sample goes alone); "
-        "micro_batch_size is then unused. Loss and gradients are those of the unpacked batch. null: "
+        "Pack micro-batches by length instead: samples sorted by length are cut into consecutive runs "
+        "whose samples x longest sample (in tokens, padding included) stay within this budget (a longer "
+        "sample goes alone), the cut with the least padding plus a fixed cost per micro-batch; each "
+        "micro-batch is padded only to its own longest sample and micro_batch_size is unused. Loss and "
+        "gradients are those of the unpacked batch. Not with parallel.virtual_pipeline. null: "
         "micro_batch_size samples per micro-batch, all padded to the rank's longest sample.",
         min=1,
     )

@@ -21,10 +21,13 @@ Not with virtual pipeline stages: under Megatron-Core 0.16.1's interleaved sched
 ("Mismatch in shape: grad_output[0] has a shape of [14, 1, 128] and output[0] has a shape of
 [22, 1, 128]"); the cause inside Megatron was not found. The config refuses the combination.
 
-The packing is "next-fit decreasing": consecutive samples in length order share a micro-batch
-while the budget holds. Under a padded cost (count x longest) a sample added to an earlier, wider
-micro-batch pays that micro-batch's width; consecutive grouping pays only the gap to the next
-longer sample, so it wastes less compute than first-fit for the same budget.
+How samples are grouped: sorted by length, cut into consecutive runs, each run a micro-batch
+within the budget (count x padded width <= budget; a longer sample alone). Of all such cuts the one
+with the least computed positions plus MICRO_BATCH_COST per micro-batch is taken (dynamic
+programming over the sorted lengths). Without that per-micro-batch cost every sample would go
+alone (no padding, but one tiny forward/backward per sample); without minimising, filling each
+micro-batch up to the budget ("next-fit") groups the many short samples of a wide length mix
+under one long width: 41% of the computed positions were padding on the benchmark's mix.
 """
 
 from __future__ import annotations
@@ -50,26 +53,38 @@ def sample_lengths(batch: Mapping[str, torch.Tensor]) -> list[int]:
     return [max(int(last), 1) for last in (mask * positions).amax(dim=1).tolist()]
 
 
+# A micro-batch's fixed cost (one more pass through the schedule, every layer's kernel launches),
+# counted as this many positions of compute. A judgement, not a measurement: it only decides when
+# short samples share a micro-batch padded to a slightly longer one rather than go alone.
+MICRO_BATCH_COST = 128
+
+
 def pack_by_tokens(lengths: Sequence[int], max_tokens: int, multiple: int = 1) -> list[list[int]]:
     """Sample indices of each micro-batch, longest samples first.
 
-    Samples are taken in decreasing length (ties by index, so the result is deterministic) and
-    added to the current micro-batch while (its samples + 1) x its padded width <= `max_tokens`,
-    the width being its first (longest) sample's length rounded up to `multiple`. A sample whose
-    own padded length exceeds the budget gets a micro-batch to itself. Every index appears once.
+    Samples are taken in decreasing length (ties by index: the result is deterministic) and cut
+    into consecutive runs with (run length) x (its first sample's length rounded up to
+    `multiple`) <= `max_tokens`, a sample longer than that alone; of those cuts, the one with the
+    fewest computed positions + MICRO_BATCH_COST per micro-batch. Every index appears once.
     """
     if max_tokens < 1 or multiple < 1:
         raise ValueError(f"max_tokens ({max_tokens}) and multiple ({multiple}) must be >= 1")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    groups: list[list[int]] = []
-    width = 0
-    for index in order:
-        if groups and (len(groups[-1]) + 1) * width <= max_tokens:
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-            width = _round_up(lengths[index], multiple)
-    return groups
+    widths = [_round_up(lengths[i], multiple) for i in order]
+    # best[j]: (cost, start of the last run) of the cheapest cut of order[:j]
+    best: list[tuple[float, int]] = [(0.0, 0)] + [(float("inf"), 0)] * len(order)
+    for start, width in enumerate(widths):
+        longest_run = max(1, max_tokens // width)
+        for stop in range(start + 1, min(len(order), start + longest_run) + 1):
+            cost = best[start][0] + (stop - start) * width + MICRO_BATCH_COST
+            if cost < best[stop][0]:
+                best[stop] = (cost, start)
+    groups, stop = [], len(order)
+    while stop:
+        start = best[stop][1]
+        groups.append(order[start:stop])
+        stop = start
+    return groups[::-1]
 
 
 def packed_micro_batches(batch: Mapping[str, torch.Tensor], max_tokens: int, multiple: int = 1) -> list[TrainBatch]:
