@@ -14,8 +14,11 @@ process, interleaved, the median of --reps repetitions:
             micro-batch per sample, which true THD packing on a GPU would not).
 
 Tokens/s counts the samples' own tokens (prompt + response) for all three, per second of this
-process's CPU time (all its threads): the machine is shared, and CPU time does not count the time
-other processes hold the cores (wall-clock tokens/s are reported too). Lengths are drawn
+process's CPU time: the machine is shared, and CPU time does not count the time other processes
+hold the cores (wall-clock tokens/s are reported too). Torch runs on --threads threads, 1 by
+default: with several, threads spin-waiting between small operations count as CPU time, which
+penalises the many small micro-batches of `ideal` (seen: packed / ideal 1.30 per CPU-second but
+0.78 wall-clock at 2 threads on a machine with load average 30-50). Lengths are drawn
 log-uniformly between 20 and 2000 tokens (prompts 10..100 tokens, the rest response), rewards of
 both signs. The model is a random-init Llama-shaped model (hidden 256, 2 layers, 4 heads of 64,
 2 KV heads, vocabulary 1024) in fp32 at TP1, on the CPU.
@@ -67,8 +70,10 @@ def draw_samples(count: int, seed: int, vocab: int) -> list:
     return samples
 
 
-def measure(samples: int, reps: int, micro_batch_size: int = 4, seed: int = 0) -> dict:
+def measure(samples: int, reps: int, micro_batch_size: int = 4, seed: int = 0, threads: int = 1) -> dict:
     """Tokens/s of the three modes on one drawn batch (see the module docstring)."""
+    import torch
+
     from rift_megatron.loss import LossSettings
     from rift_megatron.models import parse_hf_config
     from rift_megatron.models.presets import tiny_hf_config
@@ -82,6 +87,7 @@ def measure(samples: int, reps: int, micro_batch_size: int = 4, seed: int = 0) -
     tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in drawn)
     budget = micro_batch_size * LONGEST
     modes = {"padded": None, "packed": budget, "ideal": 1}  # a 1-token budget: every sample alone
+    torch.set_num_threads(threads)
     init_distributed()
     init_model_parallel(ParallelLayout(), seed=seed)
     try:
@@ -114,7 +120,7 @@ def measure(samples: int, reps: int, micro_batch_size: int = 4, seed: int = 0) -
             "wall_packed_over_ideal": wall_rate["packed"] / wall_rate["ideal"], "pad_fraction": pad,
             "micro_batches": {mode: len(s) for mode, s in shapes.items()}, "micro_batch_shapes": shapes,
             "samples": samples, "tokens": tokens, "budget": budget, "micro_batch_size": micro_batch_size,
-            "reps": reps, "model": MODEL, "load_average_1min": os.getloadavg()[0], "target": TARGET,
+            "reps": reps, "threads": threads, "model": MODEL, "load_average_1min": os.getloadavg()[0], "target": TARGET,
         },
     }
 
@@ -130,14 +136,16 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, help=f"samples in the batch (default {FULL['samples']})")
     parser.add_argument("--reps", type=int, help=f"timed repetitions per mode (default {FULL['reps']})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see the module docstring)")
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
     sizes = dict(QUICK if args.quick else FULL)
     sizes.update({k: v for k, v in (("samples", args.samples), ("reps", args.reps)) if v is not None})
-    result = measure(seed=args.seed, **sizes)
+    result = measure(seed=args.seed, threads=args.threads, **sizes)
     d = result["details"]
     print(f"{d['samples']} samples, {d['tokens']} tokens (log-uniform {SHORTEST}..{LONGEST}), "
-          f"budget {d['budget']} tokens per micro-batch, {d['reps']} reps, load average {d['load_average_1min']:.1f}")
+          f"budget {d['budget']} tokens per micro-batch, {d['reps']} reps, {d['threads']} thread(s), "
+          f"load average {d['load_average_1min']:.1f}")
     for mode in ("padded", "packed", "ideal"):
         print(f"  {mode:7s} {d['tokens_per_cpu_s'][mode]:8.1f} tokens/CPU-s {d['wall_tokens_per_s'][mode]:8.1f} tokens/s (wall)  "
               f"{d['micro_batches'][mode]:3d} micro-batches  "
