@@ -80,3 +80,11 @@ def test_micro_batches_are_the_rows_cut_to_their_own_longest_sample(multiple):
             assert torch.equal(value, expected), key
     assert sum(float(mb["loss_mask"].sum()) for mb in micro_batches) == float(batch["loss_mask"].sum())
     assert sum(mb["tokens"].numel() for mb in micro_batches) < batch["tokens"].numel()
+
+
+def test_short_samples_are_not_padded_to_a_long_one_when_a_micro_batch_of_their_own_is_cheaper():
+    """The cut minimises computed positions + MICRO_BATCH_COST (128) per micro-batch: three
+    10-token samples beside a 100-token one cost 400 + 128 together, 100 + 30 + 2 x 128 apart;
+    three 90-token samples cost 400 + 128 together, 100 + 270 + 2 x 128 apart."""
+    assert pack_by_tokens([100, 10, 10, 10], 400) == [[0], [1, 2, 3]]
+    assert pack_by_tokens([100, 90, 90, 90], 400) == [[0, 1, 2, 3]]
