@@ -18,8 +18,12 @@ def mixed_reward_batch(
     seq_len: int = 24,
     vocab_size: int = 1000,
     rewards: tuple[float, ...] = MIXED_REWARDS,
+    shortest: int | None = None,
 ) -> TrainBatch:
     """A batch with prompts of different lengths, right padding, and every sign of reward.
+
+    Rows end (their padding starts) between `shortest` and `seq_len` tokens; by default between
+    3/4 of `seq_len` and `seq_len`. A short `shortest` gives the ragged lengths packing is for.
 
     Behaviour log-probs are drawn around log(1/vocab) so the RIFT ratio rho starts near 1 but not
     at it, which exercises the negative branch's ratio.
@@ -28,7 +32,7 @@ def mixed_reward_batch(
     batch_size = len(rewards)
     tokens = torch.randint(3, vocab_size, (batch_size, seq_len), generator=generator)
     prompt_len = torch.randint(3, seq_len // 2, (batch_size,), generator=generator)
-    end = torch.randint(seq_len * 3 // 4, seq_len + 1, (batch_size,), generator=generator)
+    end = torch.randint(seq_len * 3 // 4 if shortest is None else shortest, seq_len + 1, (batch_size,), generator=generator)
     positions = torch.arange(seq_len).expand(batch_size, seq_len)
     # targets[t] = tokens[t + 1]; a target is a response token when t + 1 >= prompt_len and
     # t + 1 < end (the rest of the row is padding).

@@ -88,6 +88,11 @@ def _cross_field_problems(cfg: RiftConfig) -> Iterator[tuple[str, str]]:
         yield "parallel.overlap_param_gather", "needs optim.use_distributed_optimizer: true"
     if par.overlap_param_gather and par.overlap_grad_reduce is False:
         yield "parallel.overlap_param_gather", "needs parallel.overlap_grad_reduce (true or null)"
+    if cfg.training.max_tokens_per_micro_batch is not None and par.virtual_pipeline is not None:
+        yield "training.max_tokens_per_micro_batch", (
+            "does not work with parallel.virtual_pipeline (Megatron-Core 0.16.1's interleaved schedule "
+            "mixes up micro-batches of different shapes): set one of them to null"
+        )
     if opt.min_lr > opt.lr:
         yield "optim.min_lr", f"must be <= optim.lr ({_num(opt.lr)}), got {_num(opt.min_lr)}"
     if opt.lr_decay_steps is not None and opt.lr_warmup_steps >= opt.lr_decay_steps:
@@ -239,7 +244,10 @@ def _world_problems(cfg: RiftConfig, world_size: int) -> Iterator[str]:
         )
     else:
         dp = world_size // (tp * pp * cp)
-        if gbs % (mbs * dp):
+        if cfg.training.max_tokens_per_micro_batch is not None:
+            if gbs % dp:
+                yield f"training.global_batch_size ({gbs}) is not divisible by the data-parallel size ({dp})"
+        elif gbs % (mbs * dp):
             yield (
                 f"training.global_batch_size ({gbs}) is not divisible by training.micro_batch_size ({mbs}) "
                 f"x data-parallel size ({dp}) = {mbs * dp}"

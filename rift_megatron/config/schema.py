@@ -237,6 +237,16 @@ class TrainingConfig:
     )
     global_batch_size: int = _f(64, "Samples per optimizer step, over all data-parallel ranks.", min=1)
     micro_batch_size: int = _f(4, "Samples per forward/backward pass on one rank.", min=1)
+    max_tokens_per_micro_batch: int | None = _f(
+        None,
+        "Pack micro-batches by length instead: samples sorted by length are cut into consecutive runs "
+        "whose samples x longest sample (in tokens, padding included) stay within this budget (a longer "
+        "sample goes alone), the cut with the least padding plus a fixed cost per micro-batch; each "
+        "micro-batch is padded only to its own longest sample and micro_batch_size is unused. Loss and "
+        "gradients are those of the unpacked batch. Not with parallel.virtual_pipeline. null: "
+        "micro_batch_size samples per micro-batch, all padded to the rank's longest sample.",
+        min=1,
+    )
     seed: int = _f(1234, "Seed of model init, data order, sampling and dropout.", min=0)
     recompute: Literal["none", "selective", "full"] = _f(
         "none",

@@ -18,8 +18,9 @@ Prompt tokens and padding are out of the loss. Nothing is ever truncated: a samp
 
 Sequence packing (several samples per row) is not implemented: Megatron's packed-sequence
 attention needs ``PackedSeqParams`` with Transformer Engine's fused attention (GPU), and without
-it samples in one row would attend to each other. Padding is exact everywhere; to limit its
-cost, group samples of similar length into the same micro-batch.
+it samples in one row would attend to each other. Padding is exact everywhere; its cost is cut
+by the trainer, which can group samples of similar length into micro-batches padded only to their
+own longest sample (``training.max_tokens_per_micro_batch``, rift_megatron/training/packing.py).
 
 The token count ``Z`` the loss divides by is NOT a property of one batch: it is the count over the
 whole global batch (all micro-batches, all data-parallel ranks; for RIFT only samples with a

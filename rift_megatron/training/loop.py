@@ -223,7 +223,8 @@ class Trainer:
                     return
                 chunk = {key: value[start:start + per_rank] for key, value in batch.items()}
                 started = time.perf_counter()
-                metrics = train_step(self.state, chunk, self.settings, self.cfg.training.micro_batch_size, check=check)
+                metrics = train_step(self.state, chunk, self.settings, self.cfg.training.micro_batch_size, check=check,
+                                     max_tokens_per_micro_batch=self.cfg.training.max_tokens_per_micro_batch)
                 metrics.update(extra, train_seconds=time.perf_counter() - started, **memory_metrics())
                 history.append(metrics)
                 self.logger.log(metrics)

@@ -10,6 +10,7 @@ loss parts a RIFT user wants to watch.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,7 @@ from rift_megatron.parallel import all_reduce_sum
 from rift_megatron.platform import current_platform
 from rift_megatron.training.context_parallel import context_parallel_share
 from rift_megatron.training.batch import TrainBatch, pad_sequences, split_micro_batches, validate_batch
+from rift_megatron.training.packing import packed_micro_batches, sample_lengths
 from rift_megatron.training.setup import TrainState
 
 # Called with the step's reduced metrics (identical on every rank) before the optimizer steps;
@@ -58,12 +60,52 @@ def prepare_batch(batch: Mapping[str, torch.Tensor], state: TrainState) -> Train
     return current_platform().to_device(pad_sequences(batch, state.provider.layout.sequence_multiple))
 
 
+def micro_batches_of(batch: TrainBatch, state: TrainState, micro_batch_size: int,
+                     max_tokens_per_micro_batch: int | None) -> list[TrainBatch]:
+    """A prepared batch cut for the schedule: `micro_batch_size` samples each, or packed by length
+    into `max_tokens_per_micro_batch` padded tokens each (training/packing.py; not with virtual
+    pipeline stages, whose schedule mixes up differently shaped micro-batches)."""
+    if max_tokens_per_micro_batch is None:
+        return split_micro_batches(batch, micro_batch_size)
+    layout = state.provider.layout
+    if layout.virtual_pipeline:
+        raise ValueError("packed micro-batches (max_tokens_per_micro_batch) do not work with virtual pipeline stages")
+    return packed_micro_batches(batch, max_tokens_per_micro_batch, multiple=layout.sequence_multiple)
+
+
+@contextmanager
+def _shapes_exchanged(state: TrainState, micro_batches: list[TrainBatch]):
+    """Megatron's pipeline sends activations of one fixed [seq, batch, hidden] shape unless
+    `variable_seq_lengths` is set, which makes every send announce its shape first (an extra small
+    message per send). Set it for the schedules whose micro-batches differ in shape, and only then."""
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(state.model[0])
+    varies = len({tuple(mb["tokens"].shape) for mb in micro_batches}) > 1
+    before = config.variable_seq_lengths
+    config.variable_seq_lengths = before or (varies and state.provider.layout.pipeline > 1)
+    try:
+        yield
+    finally:
+        config.variable_seq_lengths = before
+
+
+def padding_fraction(batch: TrainBatch, micro_batches: list[TrainBatch], dp_group) -> float:
+    """The share of the positions the step computes on that are padding, over the global batch."""
+    real = float(sum(sample_lengths(batch)))
+    computed = float(sum(mb["tokens"].numel() for mb in micro_batches))
+    totals = torch.tensor([real, computed], dtype=torch.float64, device=batch["tokens"].device)
+    all_reduce_sum(totals, group=dp_group)
+    return 1.0 - float(totals[0] / totals[1])
+
+
 def train_step(
     state: TrainState,
     batch: TrainBatch,
     settings: LossSettings,
     micro_batch_size: int,
     check: MetricsCheck | None = None,
+    max_tokens_per_micro_batch: int | None = None,
 ) -> dict[str, float]:
     """Train on this data-parallel rank's share `batch` of the global batch; return step metrics.
 
@@ -71,20 +113,25 @@ def train_step(
     non-finite gradient anywhere carries garbage: in both cases the optimizer step is skipped
     (Adam would otherwise still move the weights with its momentum) and `skipped` is 1 in the
     metrics (`nonfinite` 1 for the second). `check`, if given, sees the forward/backward metrics
-    before the optimizer step and may raise to stop the step on every rank.
+    before the optimizer step and may raise to stop the step on every rank. With
+    `max_tokens_per_micro_batch` the micro-batches are packed by length (`micro_batch_size` is then
+    unused); `pad_fraction` in the metrics is the share of computed positions that were padding.
     """
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch = prepare_batch(batch, state)
-    seq_length = batch["tokens"].shape[1]  # the whole sequence: Megatron divides by CP itself
+    micro_batches = micro_batches_of(batch, state, micro_batch_size, max_tokens_per_micro_batch)
     dp_group = ps.get_data_parallel_group()
     tp_group = ps.get_tensor_model_parallel_group()
     counts = global_sign_token_counts(batch, settings, dp_group)
+    padding = padding_fraction(batch, micro_batches, dp_group)
+    # Megatron is told each micro-batch's whole sequence length (it divides by CP itself); this
+    # rank computes on its context-parallel share of each.
+    first_batch, first_seq = micro_batches[0]["tokens"].shape  # the shape used when all are alike
     cp_size = ps.get_context_parallel_world_size()
     cp_group = ps.get_context_parallel_group() if cp_size > 1 else None
-    batch = context_parallel_share(batch, cp_size, ps.get_context_parallel_rank())
-    micro_batches = split_micro_batches(batch, micro_batch_size)
+    micro_batches = [context_parallel_share(mb, cp_size, ps.get_context_parallel_rank()) for mb in micro_batches]
     sign_counts = counts if settings.normalization == "per_sign" else None
     vocab_size = state.provider.arch.vocab_size
 
@@ -101,15 +148,16 @@ def train_step(
     for chunk in state.model:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iterators if len(iterators) > 1 else iterators[0],
-        model=state.model if len(state.model) > 1 else state.model[0],
-        num_microbatches=len(micro_batches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    with _shapes_exchanged(state, micro_batches):
+        reports = get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=state.model if len(state.model) > 1 else state.model[0],
+            num_microbatches=len(micro_batches),
+            seq_length=first_seq,
+            micro_batch_size=first_batch,
+            forward_only=False,
+        )
     report_group = ps.get_data_parallel_group(with_context_parallel=True)  # every token's report once
     metrics = reduce_loss_reports(reports, group=report_group) if ps.is_pipeline_last_stage() else None
     metrics = dict(_broadcast_from_last_stage(metrics))
@@ -130,6 +178,7 @@ def train_step(
         lr=float(state.optimizer.param_groups[0]["lr"]),
         skipped=float(skipped),
         nonfinite=float(nonfinite),
+        pad_fraction=padding,
     )
     return metrics
 

@@ -23,7 +23,7 @@ from rift_megatron.parallel import ParallelLayout, destroy_model_parallel, init_
 from rift_megatron.training.batch import shard_for_data_parallel
 from rift_megatron.training.checkpoint import load_model_checkpoint, save_model_checkpoint
 from rift_megatron.training.setup import OptimConfig, build_model_chunks, setup_training
-from rift_megatron.training.step import train_step
+from rift_megatron.training.step import micro_batches_of, prepare_batch, train_step
 from rift_megatron.models.performance import OverlapRequest
 from rift_megatron.models.provider import GPTModelProvider
 from tests.synthetic_batch import mixed_reward_batch
@@ -59,8 +59,9 @@ def train_run(spec: dict, run: dict, work: Path) -> None:
     )
     settings = LossSettings(**run.get("loss", {}))
     dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    shard = shard_for_data_parallel(mixed_reward_batch(seed=7, seq_len=run.get("seq_len", 24)), dp_rank, dp_size)
-    micro_batch_size = run.get("micro_batch_size", 2)
+    batch = mixed_reward_batch(seed=7, seq_len=run.get("seq_len", 24), shortest=run.get("shortest"))
+    shard = shard_for_data_parallel(batch, dp_rank, dp_size)
+    micro_batch_size, max_tokens = run.get("micro_batch_size", 2), run.get("max_tokens")
     # The first step's gradients, gathered to full TP1 tensors (DDP's main_grad, divided by the
     # global token count): where the distributed optimizer shards them over DP, no rank holds
     # them whole, so those runs are compared on losses, grad norms and weights only.
@@ -74,14 +75,19 @@ def train_run(spec: dict, run: dict, work: Path) -> None:
         for name, param in named_checkpoint_parameters(state.unwrapped_chunks()).items():
             grads[name] = gather_tensor_parallel(param, name, ps.get_tensor_model_parallel_group(), param.main_grad).clone()
 
-    history = [train_step(state, shard, settings, micro_batch_size, check=first_gradients if step == 0 and capture else None)
+    history = [train_step(state, shard, settings, micro_batch_size, check=first_gradients if step == 0 and capture else None,
+                          max_tokens_per_micro_batch=max_tokens)
                for step in range(spec["steps"])]
+    # How many micro-batches (and of which shapes) each data-parallel rank ran: packing may differ.
+    shapes = [list(mb["tokens"].shape) for mb in micro_batches_of(prepare_batch(shard, state), state, micro_batch_size, max_tokens)]
+    per_rank = [None] * dp_size
+    dist.all_gather_object(per_rank, shapes, group=ps.get_data_parallel_group())
     if capture and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         torch.save(grads, work / f"{run['name']}.grads.pp{ps.get_pipeline_model_parallel_rank()}.pt")
     stale = _stale_weights(state)
     save_model_checkpoint(state.unwrapped_chunks(), work / run["name"])
     if dist.get_rank() == 0:
-        report = {"dp": dp_size, "history": history, "stale_before_sync": stale,
+        report = {"dp": dp_size, "history": history, "stale_before_sync": stale, "micro_batches": per_rank,
                   "overlap": [state.provider.options.overlap_grad_reduce, state.provider.options.overlap_param_gather]}
         (work / f"{run['name']}.json").write_text(json.dumps(report))
     destroy_model_parallel()
@@ -98,7 +104,8 @@ def _stale_weights(state) -> float:
 
 
 def compare_runs(spec: dict, work: Path) -> None:
-    """Load each run's final weights at TP1 and diff them against the baseline's."""
+    """Load each run's final weights at TP1 and diff them against its baseline's: for each
+    baseline of spec["compare"] ({baseline: [runs]}), compare-<baseline>.json."""
     init_model_parallel(ParallelLayout(), seed=0)
     provider = GPTModelProvider(architecture(spec), ParallelLayout())
 
@@ -107,19 +114,20 @@ def compare_runs(spec: dict, work: Path) -> None:
         load_model_checkpoint(chunks, work / name)
         return {k: v for k, v in chunks[0].state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
 
-    baseline = weights(spec["baseline"])
     initial = weights("init")
-    report = {}
-    for name in spec["compare"]:
-        other = weights(name)
-        assert other.keys() == baseline.keys(), (name, sorted(other.keys() ^ baseline.keys()))
-        report[name] = {
-            key: float((other[key] - baseline[key]).abs().max()) for key in baseline
+    for baseline_name, names in spec["compare"].items():
+        baseline = weights(baseline_name)
+        report = {}
+        for name in names:
+            other = weights(name)
+            assert other.keys() == baseline.keys(), (name, sorted(other.keys() ^ baseline.keys()))
+            report[name] = {
+                key: float((other[key] - baseline[key]).abs().max()) for key in baseline
+            }
+        report["__moved_from_init__"] = {
+            key: float((baseline[key] - initial[key]).abs().max()) for key in baseline
         }
-    report["__moved_from_init__"] = {
-        key: float((baseline[key] - initial[key]).abs().max()) for key in baseline
-    }
-    (work / "compare.json").write_text(json.dumps(report))
+        (work / f"compare-{baseline_name}.json").write_text(json.dumps(report))
     destroy_model_parallel()
 
 

@@ -266,6 +266,10 @@ def test_missing_config_file():
          "did you mean 'math'?"),
         (["data.answer_field=prompt"], "must differ from data.prompt_field, both are 'prompt'"),
         (["rollout.top_k=0"], "must be -1 (off) or >= 1, got 0"),
+        (["training.max_tokens_per_micro_batch=0"], "config key 'training.max_tokens_per_micro_batch' (in override "
+         "'training.max_tokens_per_micro_batch=0') must be >= 1, got 0"),
+        (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "training.max_tokens_per_micro_batch=4096"],
+         "does not work with parallel.virtual_pipeline"),
         (["checkpoint.interval=5"], "is 5 but checkpoint.dir is null"),
         (["eval.interval=5"], "is 5 but eval.prompts is null"),
         (["eval.k=4"], "is 4 but eval.temperature is 0 (greedy)"),
@@ -378,6 +382,17 @@ def test_global_batch_must_split_into_micro_batches_times_dp(ready):
     assert world_error(cfg, 1) == [
         "training.global_batch_size (32) is not divisible by training.micro_batch_size (3) x data-parallel size (1) = 3"
     ]
+
+
+def test_packed_micro_batches_need_only_the_global_batch_to_split_over_dp(ready):
+    """With training.max_tokens_per_micro_batch the micro-batches are cut by tokens, so
+    micro_batch_size does not have to divide anything; the data-parallel split still must."""
+    packed = dataclasses.replace(ready.training, global_batch_size=30, micro_batch_size=4, max_tokens_per_micro_batch=512)
+    cfg = dataclasses.replace(ready, training=packed, data=dataclasses.replace(ready.data, prompts_per_step=15),
+                              rollout=dataclasses.replace(ready.rollout, k=2))
+    assert validate_for_world(cfg, 1) == 1
+    four_ranks = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pipeline=4))
+    assert "training.global_batch_size (30) is not divisible by the data-parallel size (4)" in world_error(four_ranks, 16)
 
 
 def test_rollout_batch_must_split_over_dp_engines_and_global_batches(ready):
