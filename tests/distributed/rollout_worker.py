@@ -15,6 +15,7 @@ Spec:
     num_prompts, k, max_tokens   the workload: K samples of <= max_tokens per prompt
     seed, lr, micro_batch_size   engine seed; trainer learning rate and micro-batch size
     atol, max_model_len          check_engine_matches tolerance; engine context length
+    engine_tp           the engine's tensor-parallel size (default 1: one engine per rank)
 
 Per layout (`sync_checks`):
   1. K samples per prompt from the engine (initial weights); their behaviour log-probs against
@@ -254,7 +255,8 @@ def sync_checks(engine, state, arch, prompts: list[list[int]], long_prompt: list
 
     # 3. push, verify, sample again under the new weights
     stats = push_weights(engine, chunks, arch)
-    report["push"] = {"seconds": stats.seconds, "bytes": stats.bytes, "tensors": stats.tensors, "buckets": stats.buckets}
+    report["push"] = {"seconds": stats.seconds, "bytes": stats.bytes, "tensors": stats.tensors, "buckets": stats.buckets,
+                      "received_bytes": stats.received_bytes, "path": stats.path}
     report["pushed_check_diff"] = _checked(check_engine_matches, engine, after, probe, atol)
     pushed_hf = _hf_model_with(spec["hf_dir"], dict(hf_weights(chunks, arch)))
     gens1 = check("pushed", _as_records(engine.generate(prompts, k, sampling, step=1)), pushed_hf)
@@ -320,6 +322,7 @@ def main() -> None:
                 t = time.perf_counter()
                 engine = RolloutEngine(EngineConfig(
                     model=spec["hf_dir"], dtype="float32", max_model_len=spec["max_model_len"], seed=spec["seed"],
+                    tensor_parallel_size=spec.get("engine_tp", 1),
                 ))
                 report["timings"]["engine_start"] = time.perf_counter() - t
                 placements = [None] * world

