@@ -57,6 +57,12 @@ def parity_reward(prompt: str, response: str, answer: str) -> bool:
     return len(response) % 2 == 0
 
 
+def prompt_parity_reward(prompt: str, response: str, answer: str) -> bool:
+    """Correct when prompt and response together have an even number of characters: with prompts
+    of lengths 0, 1, 2, ... the verdicts differ between prompts even when the responses agree."""
+    return (len(prompt) + len(response)) % 2 == 0
+
+
 def late_on_rank0_reward(prompt: str, response: str, answer: str) -> bool:
     """`parity_reward`, except that global rank 0's first verification of a run sleeps
     RIFT_TEST_REWARD_SLEEP_S seconds (once: a marker file in RIFT_TEST_REWARD_MARKER_DIR): rank 0's

@@ -196,3 +196,25 @@ def test_push_weights_resets_the_prefix_cache(layout):
     for r in ranks:
         assert r["train3"]["skipped"] == 0.0, (r["rank"], r["train3"])
     assert not _failures(ranks, _within_tolerance, ("long_after_push_engine_vs_megatron",))
+
+
+@pytest.mark.parametrize("runner", [two_process_report, engine_tp2_report], ids=["engine-per-rank", "engine-tp2"])
+def test_rollout_samples_reach_exactly_the_ranks_that_train_on_them(tmp_path_factory, runner):
+    """`exchange_rollout` (tensors, point to point from each engine's leader) gives every rank
+    exactly its data-parallel replica's contiguous share (1 and 2 replicas) with the ids and
+    log-probs the engine produced, and every rank the rewards and token counts of all samples."""
+    ranks = runner(tmp_path_factory)["data_paths"]
+    assert all(r["samples"] == WORKER_SETTINGS["num_prompts"] * WORKER_SETTINGS["k"] for r in ranks), ranks
+    keys = tuple(f"dp{d}_{what}" for d in (1, 2) for what in ("share_indices_ok", "share_equal", "rewards_ok", "lengths_ok"))
+    assert not [(i, key) for i, r in enumerate(ranks) for key in keys if r[key] is not True], ranks
+
+
+def test_split_evaluation_equals_every_engine_evaluating_everything(tmp_path_factory):
+    """Two engines: each evaluates half of the prompts (greedy and k=2 sampled, a parity reward),
+    the per-prompt results are summed; every rank gets exactly what one engine evaluating the
+    whole set gets (which the test can tell apart: the verdicts differ between prompts)."""
+    ranks = two_process_report(tmp_path_factory)["data_paths"]
+    for r in ranks:
+        assert r["eval_split"] == r["eval_whole"], r
+    verdicts = ranks[0]["eval_whole"]["per_prompt_greedy_correct"]
+    assert len(verdicts) == WORKER_SETTINGS["num_prompts"] and len(set(verdicts)) == 2, verdicts
