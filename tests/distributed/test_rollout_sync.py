@@ -2,7 +2,10 @@
 
 `rollout_worker.py` runs a Megatron trainer and ONE in-process vLLM engine per rank (fp32), on the
 tiny Llama of tests/rollout_fixtures.py: once in one process (TP1) and once in two (TP2, then
-PP2 with the same engines). Per layout and per rank it measures:
+PP2 with the same engines); and once in two processes sharing one engine of tensor-parallel size
+2 (trainer TP2: the shard push; trainer PP2: the gather push into a TP2 engine). Which push path
+each layout takes and the bytes each rank receives are checked exactly. Per layout and per rank
+it measures:
 
 * the engine's behaviour log-probs of its own K samples per prompt against the trainer's
   recomputation (`sequence_logprobs`) and `transformers`, before and after a sync;
@@ -138,7 +141,7 @@ def test_unpushed_training_step_is_detected_by_check_engine_matches(layout):
 def test_push_weights_makes_engine_match_the_updated_trainer(layout, hf_tensor_sizes):
     """After `push_weights`: the probe check passes, fresh samples' behaviour log-probs match the
     updated trainer and transformers loaded with the pushed tensors; every rank's engine got
-    every HF tensor (PP: broadcast across stages; TP: gathered), at its full size."""
+    every HF tensor at its full shape (the shard path fills only the worker's slice)."""
     _, ranks = layout
     keys = ("pushed_check_diff", "pushed_engine_vs_megatron", "pushed_engine_vs_hf", "pushed_megatron_vs_hf")
     assert not _failures(ranks, _within_tolerance, keys)
