@@ -133,6 +133,11 @@ def worker_shards(mapping: ParamMapping, local: torch.Tensor, arch: ModelArchite
     size = dist.get_world_size(tp_group) if tp_group is not None else 1
     if isinstance(mapping, VocabRows):
         return [_vocab_shard(local, arch, tp_group, traffic) if size > 1 else local[: arch.vocab_size]]
+    return local_hf_shards(mapping, local, arch, size)
+
+
+def local_hf_shards(mapping: ParamMapping, local: torch.Tensor, arch: ModelArchitecture, size: int) -> list[torch.Tensor]:
+    """A TP rank's Megatron shard of a non-vocabulary parameter as its HF shards (no communication)."""
     if isinstance(mapping, (FusedQKV, FusedGateUp)):
         return mapping.to_hf(local, _rank_arch(arch, size))
     return mapping.to_hf(local, arch)
