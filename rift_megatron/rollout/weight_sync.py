@@ -94,24 +94,34 @@ class Owner:
     partition_dim: int | None
 
 
-def _ownership(local: dict[str, torch.nn.Parameter], pp_group) -> dict[str, Owner]:
-    """name -> Owner for every parameter, the same on every rank (small metadata, once per push)."""
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _ownership(local: dict[str, torch.nn.Parameter], order: list[str], pp_group) -> dict[str, Owner]:
+    """name -> Owner for every name of `order` that some stage holds, the same on every rank: one
+    small integer tensor per stage, all-gathered over the pipeline group (no pickling)."""
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
-    mine = []
-    for name, param in local.items():
-        shape, split = list(param.shape), None
+    # per name: held, TP split dim (-1: replicated), dtype index, full shape (ndim <= 2, 0-padded)
+    mine = torch.zeros((len(order), 5), dtype=torch.int64)
+    for row, name in enumerate(order):
+        param = local.get(name)
+        if param is None:
+            continue
+        shape, split = list(param.shape), -1
         if getattr(param, "tensor_model_parallel", False):
             split = param.partition_dim
             shape[split] *= tp
-        mine.append((name, tuple(shape), param.dtype, split))
-    everyone = [None] * dist.get_world_size(pp_group)
-    dist.all_gather_object(everyone, mine, group=pp_group)
+        mine[row] = torch.tensor([1, split, _DTYPES.index(param.dtype), *shape, *[0] * (2 - len(shape))])
+    device = current_platform().device()
+    everyone = [torch.empty_like(mine, device=device) for _ in range(dist.get_world_size(pp_group))]
+    dist.all_gather(everyone, mine.to(device), group=pp_group)
     owned: dict[str, Owner] = {}
-    for pp_rank, entries in enumerate(everyone):
-        for name, shape, dtype, split in entries:
-            owned.setdefault(name, Owner(pp_rank, shape, dtype, split))
+    for stage, table in enumerate(t.cpu() for t in everyone):
+        for name, (held, split, dtype, *shape) in zip(order, table.tolist()):
+            if held and name not in owned:
+                owned[name] = Owner(stage, tuple(d for d in shape if d), _DTYPES[dtype], None if split < 0 else split)
     return owned
 
 
@@ -121,7 +131,7 @@ def _owned_params(chunks: list[torch.nn.Module], arch: ModelArchitecture) -> tup
 
     order = [m.megatron for m in expand(arch)]
     local = _local_params(chunks, set(order))
-    owners = _ownership(local, ps.get_pipeline_model_parallel_group())
+    owners = _ownership(local, order, ps.get_pipeline_model_parallel_group())
     missing = [name for name in order if name not in owners]
     if missing:
         raise WeightSyncError(f"no pipeline stage holds {missing[:3]} (model and conversion table disagree)")
