@@ -57,6 +57,12 @@ def parity_reward(prompt: str, response: str, answer: str) -> bool:
     return len(response) % 2 == 0
 
 
+def prompt_parity_reward(prompt: str, response: str, answer: str) -> bool:
+    """Correct when prompt and response together have an even number of characters: with prompts
+    of lengths 0, 1, 2, ... the verdicts differ between prompts even when the responses agree."""
+    return (len(prompt) + len(response)) % 2 == 0
+
+
 def late_on_rank0_reward(prompt: str, response: str, answer: str) -> bool:
     """`parity_reward`, except that global rank 0's first verification of a run sleeps
     RIFT_TEST_REWARD_SLEEP_S seconds (once: a marker file in RIFT_TEST_REWARD_MARKER_DIR): rank 0's
@@ -215,9 +221,11 @@ WORKER_SETTINGS = {
 }
 SINGLE_PROCESS_RUNS = [{"name": "tp1", "tp": 1, "pp": 1}]
 TWO_PROCESS_RUNS = [{"name": "tp2", "tp": 2, "pp": 1}, {"name": "pp2", "tp": 1, "pp": 2}]
+ENGINE_TP2_RUNS = [{"name": "tp2_engine_tp2", "tp": 2, "pp": 1}, {"name": "pp2_engine_tp2", "tp": 1, "pp": 2}]
 
 
-def worker_report(tmp_path_factory, name: str, nproc: int, runs: list[dict], engine_checks: bool) -> dict:
+def worker_report(tmp_path_factory, name: str, nproc: int, runs: list[dict], engine_checks: bool,
+                  engine_tp: int = 1) -> dict:
     """Run rollout_worker.py once per session (cached under the base temp dir) and return its report."""
     from tests.distributed.launch import run_torchrun
 
@@ -228,7 +236,7 @@ def worker_report(tmp_path_factory, name: str, nproc: int, runs: list[dict], eng
         work.mkdir(parents=True, exist_ok=True)
         spec = {
             "hf_dir": str(model["hf"]), "mcore_dir": str(model["mcore"]), "out": str(out), "runs": runs,
-            "engine_checks": engine_checks, **WORKER_SETTINGS,
+            "engine_checks": engine_checks, "engine_tp": engine_tp, **WORKER_SETTINGS,
         }
         run_torchrun(WORKER, nproc, spec, work, timeout=900)
     return json.loads(out.read_text())
@@ -242,3 +250,10 @@ def single_process_report(tmp_path_factory) -> dict:
 def two_process_report(tmp_path_factory) -> dict:
     """Two processes, one engine each: the TP2 then the PP2 sync checks."""
     return worker_report(tmp_path_factory, "double", 2, TWO_PROCESS_RUNS, engine_checks=False)
+
+
+def engine_tp2_report(tmp_path_factory) -> dict:
+    """Two processes sharing ONE engine of tensor-parallel size 2 (vLLM's external launcher): the
+    trainer at TP2 (the shard push: each rank builds only its worker's slice) and at PP2 (the
+    gather push into a TP2 engine)."""
+    return worker_report(tmp_path_factory, "engine-tp2", 2, ENGINE_TP2_RUNS, engine_checks=False, engine_tp=2)

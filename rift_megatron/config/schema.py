@@ -213,6 +213,13 @@ class RolloutConfig:
         "whole transformer layers, so a layer larger than this is pushed alone.",
         min=1,
     )
+    sync_path: Literal["auto", "gather"] = _f(
+        "auto",
+        "How weights reach the engine. auto: when engine_tensor_parallel equals parallel.tensor, each rank converts "
+        "its own tensor-parallel shard into its engine worker's and receives only other pipeline stages' shards "
+        "(about model bytes / TP per rank; verified on the CPU, not verified on a GPU), otherwise the gather path; "
+        "gather: every rank gathers and receives the whole model (the fallback, any layout).",
+    )
     sync_check: bool = _f(
         True,
         "Check every weight push: the first optimizer step after it compares the trainer's log-probs of the "

@@ -5,16 +5,17 @@ One online step, collectively over the trainer's world:
   2. it is split across engines (one per rank, or one per R ranks with engine TP R), every rank
      of one engine submitting the same prompts and seeds (vLLM's rule for external_launcher);
   3. each engine's leader scores its own samples in the verifier pool (in parallel across ranks);
-  4. samples and scores are all-gathered, so every rank holds the whole global rollout in the
-     sampler's order (prompt order, then sample index) whatever the parallel layout;
-  5. each data-parallel rank keeps its contiguous share and turns it into the Megatron batch.
+  4. `exchange.py` moves them as tensors: a few numbers per sample to every rank (metrics, the
+     non-finite check), response ids and log-probs only to the ranks of the data-parallel replica
+     that trains on them (its contiguous share of the rollout in the sampler's order: prompt
+     order, then sample index, whatever the parallel layout);
+  5. each rank turns its share into the Megatron batch.
 The global rollout does not depend on how many ranks or engines there are: request seeds come
 from (seed, step, global prompt index).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,19 +25,12 @@ import torch.distributed as dist
 from rift_megatron.data.prompts import PromptRecord
 from rift_megatron.data.sampler import PromptSampler
 from rift_megatron.exits import first_line
-from rift_megatron.parallel import rollout_wait_group
 from rift_megatron.rollout.batching import Sample, build_train_batch
-from rift_megatron.rollout.engine import Generation, RolloutEngine, SamplingConfig
+from rift_megatron.rollout.engine import RolloutEngine, SamplingConfig
 from rift_megatron.rollout.errors import RolloutFailure, WeightSyncError
-from rift_megatron.rollout.rewards import RewardResult
+from rift_megatron.rollout.exchange import Exchanged, exchange_rollout
 from rift_megatron.rollout.verifier_pool import VerifierPool
 from rift_megatron.training.batch import TrainBatch
-
-
-@dataclass(frozen=True)
-class ScoredGeneration:
-    generation: Generation
-    score: RewardResult
 
 
 @dataclass
@@ -44,11 +38,10 @@ class RolloutBatch:
     """What one rollout step produced: this rank's training batch and the step's metrics."""
 
     train_batch: TrainBatch
-    samples: list[ScoredGeneration]
     metrics: dict[str, float]
 
 
-def _split(items: Sequence[int], parts: int) -> list[list[int]]:
+def split_contiguous(items: Sequence[int], parts: int) -> list[list[int]]:
     """Contiguous, nearly equal shares (the first ones one longer when uneven)."""
     base, extra = divmod(len(items), parts)
     shares, start = [], 0
@@ -57,21 +50,6 @@ def _split(items: Sequence[int], parts: int) -> list[list[int]]:
         shares.append(list(items[start:stop]))
         start = stop
     return shares
-
-
-def rollout_metrics(samples: Sequence[ScoredGeneration], generation_seconds: float) -> dict[str, float]:
-    """Per-step rollout numbers: reward, accuracy, lengths, truncation, generation speed."""
-    count = len(samples)
-    tokens = sum(len(s.generation.response_ids) for s in samples)
-    return {
-        "reward_mean": sum(s.score.reward for s in samples) / count if count else 0.0,
-        "accuracy": sum(s.score.correct for s in samples) / count if count else 0.0,
-        "response_length_mean": tokens / count if count else 0.0,
-        "truncated_frac": sum(s.generation.truncated for s in samples) / count if count else 0.0,
-        "verifier_timeouts": float(sum(s.score.timed_out for s in samples)),
-        "generation_tokens": float(tokens),
-        "generation_tokens_per_s": tokens / generation_seconds if generation_seconds > 0 else 0.0,
-    }
 
 
 class RolloutDataLoader:
@@ -104,7 +82,8 @@ class RolloutDataLoader:
             )
         engines = world // self.engine_tp
         # Positions in the global batch (a prompt can appear twice across an epoch boundary).
-        mine = _split(range(len(global_prompts)), engines)[rank // self.engine_tp]
+        shares = split_contiguous(range(len(global_prompts)), engines)
+        mine = shares[rank // self.engine_tp]
         started = time.perf_counter()
         try:
             generations = self.engine.generate(
@@ -124,37 +103,24 @@ class RolloutDataLoader:
              self.records[global_prompts[g.prompt_index]].answer)
             for g in generations
         ]) if is_leader else []
-        local = [ScoredGeneration(g, s) for g, s in zip(generations, scores)]
-        everyone, slowest = _gather(local, seconds)
-        _refuse_non_finite([s.generation for s in everyone])  # after the gather: every rank raises
-        samples = sorted(everyone, key=lambda s: (s.generation.prompt_index, s.generation.sample_index))
-        shard = PromptSampler.shard(samples, dp_rank, dp_size)
-        train_batch = build_train_batch(
-            [Sample(s.generation.prompt_ids, s.generation.response_ids, s.generation.behavior_logprobs, s.score.reward)
-             for s in shard],
+        rollout = exchange_rollout(generations, scores, seconds, engine_counts=[len(s) * self.k for s in shares],
+                                   engine_tp=self.engine_tp, dp_rank=dp_rank, dp_size=dp_size)
+        _refuse_non_finite(rollout)  # every rank holds the header: every rank raises
+        train_batch = build_train_batch(  # sample g of the rollout answers prompt g // k
+            [Sample(self.prompt_ids[global_prompts[g // self.k]], ids, logprobs, float(rollout.rewards[g]))
+             for g, ids, logprobs in rollout.share],
             pad_id=self.pad_id,
         )
-        return RolloutBatch(train_batch=train_batch, samples=samples, metrics=rollout_metrics(samples, slowest))
+        return RolloutBatch(train_batch=train_batch, metrics=rollout.metrics())
 
 
-def _refuse_non_finite(generations: Sequence[Generation]) -> None:
+def _refuse_non_finite(rollout: Exchanged) -> None:
     """A sampled token always has a finite log-prob under the policy that sampled it; NaN or -inf
     means the engine computes garbage (a push that left a layer half-loaded does exactly this)."""
-    bad = [(g, t) for g in generations for t, value in enumerate(g.behavior_logprobs) if not math.isfinite(value)]
-    if bad:
-        g, t = bad[0]
+    bad = rollout.first_non_finite()
+    if bad is not None:
+        sample, token, value, count = bad
         raise WeightSyncError(
-            f"the rollout engine returned non-finite log-probs for {len(bad)} sampled tokens (first: prompt "
-            f"{g.prompt_index}, sample {g.sample_index}, token {t}: {g.behavior_logprobs[t]}): its weights are "
-            "corrupt (a failed weight push?)"
+            f"the rollout engine returned non-finite log-probs in {count} samples (first: sample {sample} of the "
+            f"rollout, token {token}: {value}): its weights are corrupt (a failed weight push?)"
         )
-
-
-def _gather(local: list[ScoredGeneration], seconds: float) -> tuple[list[ScoredGeneration], float]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local, seconds
-    gathered: list = [None] * dist.get_world_size()
-    # Ranks whose engine finished first wait here for the slowest: in the rollout wait group (CPU,
-    # its own timeout), not in a training collective.
-    dist.all_gather_object(gathered, (local, seconds), group=rollout_wait_group())
-    return [s for part, _ in gathered for s in part], max(t for _, t in gathered)

@@ -1,12 +1,16 @@
 """Push the trainer's weights into the co-located vLLM engine after every optimizer step.
 
-Nothing touches disk. Per parameter, in one order every rank agrees on:
+Nothing touches disk. Two paths (`push_path`). When the trainer's and the engine's tensor-parallel
+sizes are equal, each rank converts its own shard into its worker's and receives only the shards
+of other pipeline stages (`shard_push.py`: about model bytes / TP per rank). Otherwise (the
+gather path), per parameter, in one order every rank agrees on:
   1. the pipeline stage that owns it gathers its tensor-parallel shards into the full TP1
      Megatron tensor (SwiGLU shards are re-interleaved into [gate; up]);
   2. that stage broadcasts it to the other stages' ranks (the pipeline group), so every rank,
      and so every rank's vLLM worker, holds it;
   3. the conversion table (`convert/mapping.py`, the same one checkpoint conversion uses) splits
      it into HF-named tensors (QKV and gate/up split, vocabulary padding stripped);
+Either way:
   4. HF tensors are collected into buckets of about `bucket_bytes`, cut only between whole
      transformer layers (vLLM must receive a fused layer's parts in one call), and loaded
      through the workers' in-place `reload_weights` path.
@@ -33,15 +37,21 @@ from rift_megatron.models.param_names import named_checkpoint_parameters
 from rift_megatron.platform import current_platform
 from rift_megatron.rollout.engine import RolloutEngine
 from rift_megatron.rollout.errors import WeightSyncError
+from rift_megatron.rollout.shard_push import Traffic, sharded_hf_weights
 
 _HF_LAYER = re.compile(r"^model\.layers\.\d+\.")
 
 @dataclass(frozen=True)
 class SyncStats:
+    """One push: `bytes` handed to the engine (HF-shaped tensors), `received_bytes` this rank
+    received from other ranks to build them, and which path (`engine_weights`) made them."""
+
     seconds: float
     bytes: int
     tensors: int
     buckets: int
+    received_bytes: int = 0
+    path: str = "gather"
 
 
 def _local_params(chunks: list[torch.nn.Module], wanted: set[str]) -> dict[str, torch.nn.Parameter]:
@@ -50,9 +60,11 @@ def _local_params(chunks: list[torch.nn.Module], wanted: set[str]) -> dict[str, 
     return {name: param for name, param in named_checkpoint_parameters(chunks).items() if name in wanted}
 
 
-def gather_tensor_parallel(param: torch.nn.Parameter, name: str, tp_group, data: torch.Tensor | None = None) -> torch.Tensor:
+def gather_tensor_parallel(param: torch.nn.Parameter, name: str, tp_group, data: torch.Tensor | None = None,
+                           traffic: Traffic | None = None) -> torch.Tensor:
     """The full TP1 tensor of a tensor-parallel parameter (or the parameter itself); `data`: a
-    tensor sharded like `param` to gather instead (e.g. its gradient)."""
+    tensor sharded like `param` to gather instead (e.g. its gradient); `traffic` counts the
+    bytes received from the other ranks."""
     from megatron.core import parallel_state as ps
 
     data = param.detach() if data is None else data.detach()
@@ -61,6 +73,8 @@ def gather_tensor_parallel(param: torch.nn.Parameter, name: str, tp_group, data:
         return data
     shards = [torch.empty_like(data) for _ in range(size)]
     dist.all_gather(shards, data.contiguous(), group=tp_group)
+    if traffic is not None:
+        traffic.received += (size - 1) * data.numel() * data.element_size()
     dim = param.partition_dim
     if name.endswith("mlp.linear_fc1.weight"):
         # Each rank holds [gate_r; up_r]; the TP1 layout is [gate_0 .. gate_n; up_0 .. up_n].
@@ -69,56 +83,123 @@ def gather_tensor_parallel(param: torch.nn.Parameter, name: str, tp_group, data:
     return torch.cat(shards, dim=dim)
 
 
-def _ownership(local: dict[str, torch.nn.Parameter], pp_group) -> list[tuple[str, int, tuple, torch.dtype]]:
-    """(name, owning pipeline rank, full shape, dtype) for every parameter, same list on every rank."""
+@dataclass(frozen=True)
+class Owner:
+    """Where a parameter lives: its pipeline stage, full (TP1) shape, dtype and TP split
+    dimension (None: replicated across the TP group)."""
+
+    stage: int
+    shape: tuple
+    dtype: torch.dtype
+    partition_dim: int | None
+
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _ownership(local: dict[str, torch.nn.Parameter], order: list[str], pp_group) -> dict[str, Owner]:
+    """name -> Owner for every name of `order` that some stage holds, the same on every rank: one
+    small integer tensor per stage, all-gathered over the pipeline group (no pickling)."""
     from megatron.core import parallel_state as ps
 
     tp = ps.get_tensor_model_parallel_world_size()
-    mine = []
-    for name, param in local.items():
-        shape = list(param.shape)
-        if tp > 1 and getattr(param, "tensor_model_parallel", False):
-            shape[param.partition_dim] *= tp
-        mine.append((name, tuple(shape), param.dtype))
-    everyone = [None] * dist.get_world_size(pp_group)
-    dist.all_gather_object(everyone, mine, group=pp_group)
-    owned = {}
-    for pp_rank, entries in enumerate(everyone):
-        for name, shape, dtype in entries:
-            owned.setdefault(name, (name, pp_rank, shape, dtype))
-    return list(owned.values())
+    # per name: held, TP split dim (-1: replicated), dtype index, full shape (ndim <= 2, 0-padded)
+    mine = torch.zeros((len(order), 5), dtype=torch.int64)
+    for row, name in enumerate(order):
+        param = local.get(name)
+        if param is None:
+            continue
+        shape, split = list(param.shape), -1
+        if getattr(param, "tensor_model_parallel", False):
+            split = param.partition_dim
+            shape[split] *= tp
+        mine[row] = torch.tensor([1, split, _DTYPES.index(param.dtype), *shape, *[0] * (2 - len(shape))])
+    device = current_platform().device()
+    everyone = [torch.empty_like(mine, device=device) for _ in range(dist.get_world_size(pp_group))]
+    dist.all_gather(everyone, mine.to(device), group=pp_group)
+    owned: dict[str, Owner] = {}
+    for stage, table in enumerate(t.cpu() for t in everyone):
+        for name, (held, split, dtype, *shape) in zip(order, table.tolist()):
+            if held and name not in owned:
+                owned[name] = Owner(stage, tuple(d for d in shape if d), _DTYPES[dtype], None if split < 0 else split)
+    return owned
 
 
-def full_megatron_params(chunks: list[torch.nn.Module], arch: ModelArchitecture) -> Iterator[tuple[str, torch.Tensor]]:
-    """(TP1 Megatron name, full tensor) for every mapped parameter, on every rank, in table order."""
+def _owned_params(chunks: list[torch.nn.Module], arch: ModelArchitecture) -> tuple[dict, dict[str, Owner]]:
+    """This rank's mapped parameters and every parameter's owner (collective over the pipeline group)."""
     from megatron.core import parallel_state as ps
 
     order = [m.megatron for m in expand(arch)]
     local = _local_params(chunks, set(order))
-    pp_group, tp_group = ps.get_pipeline_model_parallel_group(), ps.get_tensor_model_parallel_group()
-    pp_size = ps.get_pipeline_model_parallel_world_size()
-    owners = {name: (pp_rank, shape, dtype) for name, pp_rank, shape, dtype in _ownership(local, pp_group)}
+    owners = _ownership(local, order, ps.get_pipeline_model_parallel_group())
     missing = [name for name in order if name not in owners]
     if missing:
         raise WeightSyncError(f"no pipeline stage holds {missing[:3]} (model and conversion table disagree)")
+    return local, owners
+
+
+def full_megatron_params(chunks: list[torch.nn.Module], arch: ModelArchitecture,
+                         traffic: Traffic | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(TP1 Megatron name, full tensor) for every mapped parameter, on every rank, in table order."""
+    from megatron.core import parallel_state as ps
+
+    local, owners = _owned_params(chunks, arch)
+    pp_group, tp_group = ps.get_pipeline_model_parallel_group(), ps.get_tensor_model_parallel_group()
+    pp_size = ps.get_pipeline_model_parallel_world_size()
     my_pp_rank = ps.get_pipeline_model_parallel_rank()
-    for name in order:
-        owner, shape, dtype = owners[name]
-        full = gather_tensor_parallel(local[name], name, tp_group) if owner == my_pp_rank else None
+    for mapping in expand(arch):
+        name, owner = mapping.megatron, owners[mapping.megatron]
+        full = gather_tensor_parallel(local[name], name, tp_group, traffic=traffic) if owner.stage == my_pp_rank else None
         if pp_size > 1:
             if full is None:
-                full = torch.empty(shape, dtype=dtype, device=current_platform().device())
-            src = dist.get_global_rank(pp_group, owner)
-            dist.broadcast(full.contiguous() if owner == my_pp_rank else full, src=src, group=pp_group)
+                full = torch.empty(owner.shape, dtype=owner.dtype, device=current_platform().device())
+            src = dist.get_global_rank(pp_group, owner.stage)
+            dist.broadcast(full.contiguous() if owner.stage == my_pp_rank else full, src=src, group=pp_group)
+            if owner.stage != my_pp_rank and traffic is not None:
+                traffic.add(full)
         yield name, full
 
 
-def hf_weights(chunks: list[torch.nn.Module], arch: ModelArchitecture) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_weights(chunks: list[torch.nn.Module], arch: ModelArchitecture,
+               traffic: Traffic | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named full tensors of the trainer's current weights (collective over the model group)."""
     by_param = {m.megatron: m for m in expand(arch)}
-    for name, full in full_megatron_params(chunks, arch):
+    for name, full in full_megatron_params(chunks, arch, traffic):
         mapping = by_param[name]
         yield from zip(mapping.hf, mapping.to_hf(full, arch))
+
+
+def push_path(requested: str, engine_tensor_parallel: int) -> str:
+    """The push path for this layout: "shard" when the trainer's and the engine's tensor-parallel
+    slices coincide (`shard_push`: each rank receives about model bytes / TP), else "gather"
+    (every rank receives the whole model). `requested`: "auto", "shard" or "gather"."""
+    possible = uses_shard_path(engine_tensor_parallel)
+    if requested == "shard" and not possible:
+        raise WeightSyncError(f"the shard push needs the engine's tensor-parallel ranks to be the trainer's "
+                              f"(engine TP {engine_tensor_parallel})")
+    if requested == "auto":
+        return "shard" if possible else "gather"
+    return requested
+
+
+def engine_weights(chunks: list[torch.nn.Module], arch: ModelArchitecture, path: str,
+                   traffic: Traffic) -> Iterator[tuple[str, torch.Tensor]]:
+    """What this rank's engine worker loads, HF-named and HF-shaped, by `path` (from `push_path`;
+    collective over the model group)."""
+    if path == "gather":
+        return hf_weights(chunks, arch, traffic)
+    local, owners = _owned_params(chunks, arch)
+    return sharded_hf_weights(local, owners, arch, traffic)
+
+
+def uses_shard_path(engine_tensor_parallel: int) -> bool:
+    """True when every rank's engine worker holds the trainer's own TP slice: equal TP sizes and
+    the engine's rank within its engine (global rank mod engine TP) equal to Megatron's TP rank."""
+    from megatron.core import parallel_state as ps
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return (ps.get_tensor_model_parallel_world_size() == engine_tensor_parallel
+            and ps.get_tensor_model_parallel_rank() == rank % engine_tensor_parallel)
 
 
 def reload_unit(hf_name: str) -> str:
@@ -160,13 +241,17 @@ def buckets(weights: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
 
 
 def push_weights(
-    engine: RolloutEngine, chunks: list[torch.nn.Module], arch: ModelArchitecture, bucket_bytes: int = 256 * 2**20
+    engine: RolloutEngine, chunks: list[torch.nn.Module], arch: ModelArchitecture, bucket_bytes: int = 256 * 2**20,
+    path: str = "auto",
 ) -> SyncStats:
-    """Collective over the trainer's world: every rank streams the weights into its engine."""
+    """Collective over the trainer's world: every rank streams the weights into its engine
+    (`path`: see `push_path`)."""
     start = time.perf_counter()
     engine.wake_up(["weights"])
+    path = push_path(path, engine.config.tensor_parallel_size)
+    traffic = Traffic()
     total_bytes = tensors = count = 0
-    for bucket in buckets(hf_weights(chunks, arch), bucket_bytes):
+    for bucket in buckets(engine_weights(chunks, arch, path, traffic), bucket_bytes):
         engine.load_weights(bucket)
         total_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
         tensors += len(bucket)
@@ -176,7 +261,8 @@ def push_weights(
         raise WeightSyncError(f"pushed {tensors} tensors, the model has {expected}")
     engine.wake_up(["kv_cache"])
     engine.reset_prefix_cache()
-    return SyncStats(seconds=time.perf_counter() - start, bytes=total_bytes, tensors=tensors, buckets=count)
+    return SyncStats(seconds=time.perf_counter() - start, bytes=total_bytes, tensors=tensors, buckets=count,
+                     received_bytes=traffic.received, path=path)
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ class Trainer:
         initial = initial_checkpoint(cfg)
         layout = to_parallel_layout(cfg)
         init_model_parallel(layout, seed=cfg.training.seed, timeout_minutes=cfg.parallel.collective_timeout_minutes)
-        if cfg.data.mode == "online":
+        if cfg.data.mode == "online" or cfg.eval.prompts:  # rollouts and the split evaluation wait in it
             init_rollout_wait_group(timedelta(minutes=cfg.rollout.wait_timeout_minutes))
         from megatron.core import parallel_state as ps
 
@@ -275,8 +275,9 @@ class Trainer:
         from rift_megatron.rollout.weight_sync import push_weights
 
         stats = push_weights(self.engine, self.state.unwrapped_chunks(), self.arch,
-                             bucket_bytes=self.cfg.rollout.sync_bucket_mb * 2**20)
-        return {"sync_seconds": stats.seconds, "sync_bytes": float(stats.bytes), "sync_buckets": float(stats.buckets)}
+                             bucket_bytes=self.cfg.rollout.sync_bucket_mb * 2**20, path=self.cfg.rollout.sync_path)
+        return {"sync_seconds": stats.seconds, "sync_bytes": float(stats.bytes), "sync_buckets": float(stats.buckets),
+                "sync_received_bytes": float(stats.received_bytes)}
 
     def _probe_check(self) -> dict:
         """Offline runs push only to evaluate, and no rollout follows to check the push on: compare
@@ -304,7 +305,8 @@ class Trainer:
 
         max_tokens = self.cfg.eval.max_tokens or self.cfg.rollout.max_tokens
         result = evaluate(self.engine, self.eval_records, self.eval_ids, self.pool, max_tokens=max_tokens,
-                          k=self.cfg.eval.k, temperature=self.cfg.eval.temperature, step=10**6 + self.state.step)
+                          k=self.cfg.eval.k, temperature=self.cfg.eval.temperature, step=10**6 + self.state.step,
+                          engine_tp=self.cfg.rollout.engine_tensor_parallel)
         metrics = {"eval_accuracy": result["pass@1_greedy"]}
         if self.cfg.eval.k > 1:
             metrics[f"eval_pass@{self.cfg.eval.k}"] = result[f"pass@{self.cfg.eval.k}"]

