@@ -162,7 +162,9 @@ def buckets(weights: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> I
 def push_weights(
     engine: RolloutEngine, chunks: list[torch.nn.Module], arch: ModelArchitecture, bucket_bytes: int = 256 * 2**20
 ) -> SyncStats:
-    """Collective over the trainer's world: every rank streams the weights into its engine."""
+    """Collective over the trainer's world: every rank streams the weights into its engine.
+    Wakes the engine's weights only: its KV cache wakes when generation needs it
+    (`training/handoff.py`), after the trainer has offloaded."""
     start = time.perf_counter()
     engine.wake_up(["weights"])
     total_bytes = tensors = count = 0
@@ -174,7 +176,6 @@ def push_weights(
     expected = sum(len(m.hf) for m in expand(arch))
     if tensors != expected:
         raise WeightSyncError(f"pushed {tensors} tensors, the model has {expected}")
-    engine.wake_up(["kv_cache"])
     engine.reset_prefix_cache()
     return SyncStats(seconds=time.perf_counter() - start, bytes=total_bytes, tensors=tensors, buckets=count)
 
