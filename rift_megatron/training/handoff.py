@@ -40,15 +40,16 @@ class MemoryHandoff:
         self.push = push  # the trainer's weight push (it calls for_training() itself)
 
     def for_training(self) -> dict[str, float]:
-        """Engine asleep (KV cache and weights discarded), trainer resident; reload metrics."""
+        """Engine asleep (KV cache and weights discarded), trainer resident; the metrics of the
+        trainer's offload cycle that ends here (`TrainerOffload.reload`)."""
         if self.engine.kv_cache_awake:
             self.engine.sleep(level=ENGINE_SLEEP_LEVEL)
         return self.offload.reload()
 
     def for_generation(self) -> dict[str, float]:
-        """Trainer offloaded (its chosen parts), engine awake with current weights; metrics of
-        the offload (and of a push, if the engine's weights had to be pushed again)."""
+        """Trainer offloaded (its chosen parts), engine awake with current weights; the push's
+        metrics if the engine's weights had to be pushed again, else {}."""
         metrics = self.push() if self.engine.weights_discarded else {}
-        metrics.update(self.offload.offload())
+        self.offload.offload()
         self.engine.wake_up(["kv_cache"])
         return metrics

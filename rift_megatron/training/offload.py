@@ -112,6 +112,7 @@ class TrainerOffload:
         self.parts = parts
         self.platform = current_platform()
         self._released: dict[str, list[_Released]] = {}
+        self._offload_seconds = 0.0
 
     @property
     def offloaded(self) -> bool:
@@ -129,11 +130,11 @@ class TrainerOffload:
         optimizer = _unique_storages(_optimizer_tensors(self.state.optimizer), device, taken)
         return {"params": params, "grads": grads, "optimizer": optimizer}
 
-    def offload(self) -> dict[str, float]:
-        """Copy the chosen parts to host memory and release their device storage; returns
-        `trainer_offload_seconds` and `trainer_offloaded_gib`. A no-op when already offloaded or nothing is chosen."""
+    def offload(self) -> None:
+        """Copy the chosen parts to host memory and release their device storage. A no-op when
+        already offloaded or nothing is chosen."""
         if self.offloaded or not self.parts.any:
-            return {}
+            return
         start = time.perf_counter()
         pin = self.platform.is_cuda
         chosen = {part: storages for part, storages in self.storages().items() if getattr(self.parts, part)}
@@ -154,12 +155,12 @@ class TrainerOffload:
         self._released = released
         if self.platform.is_cuda:
             torch.cuda.empty_cache()
-        total = sum(entry.nbytes for entries in released.values() for entry in entries)
-        return {"trainer_offload_seconds": time.perf_counter() - start, "trainer_offloaded_gib": total / 2**30}
+        self._offload_seconds = time.perf_counter() - start
 
     def reload(self) -> dict[str, float]:
-        """Re-allocate every released storage and copy its bytes back (gradients: zeroed);
-        returns `trainer_reload_seconds`. A no-op when nothing is offloaded."""
+        """Re-allocate every released storage and copy its bytes back (gradients: zeroed); returns
+        the metrics of the whole cycle: `trainer_offload_seconds`, `trainer_reload_seconds`,
+        `trainer_offloaded_gib` (bytes released). A no-op ({}) when nothing is offloaded."""
         if not self.offloaded:
             return {}
         start = time.perf_counter()
@@ -173,8 +174,10 @@ class TrainerOffload:
                 else:
                     view.copy_(entry.host, non_blocking=pin)
         self._synchronize()  # before the host copies are dropped (pinned blocks go back to torch's cache)
+        released = sum(entry.nbytes for entries in self._released.values() for entry in entries)
         self._released = {}
-        return {"trainer_reload_seconds": time.perf_counter() - start}
+        return {"trainer_offload_seconds": self._offload_seconds, "trainer_reload_seconds": time.perf_counter() - start,
+                "trainer_offloaded_gib": released / 2**30}
 
     def _synchronize(self) -> None:
         if self.platform.is_cuda:
