@@ -61,8 +61,8 @@ class _Released:
     host: torch.Tensor | None
 
 
-def _bytes_view(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
-    """A flat uint8 tensor over the whole storage (any dtype, any view into it)."""
+def bytes_view(storage: torch.UntypedStorage, nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor over the first `nbytes` of `storage` (whatever dtype its views have)."""
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage, 0, (nbytes,))
 
 
@@ -146,7 +146,7 @@ class TrainerOffload:
                 host = None
                 if part != "grads":  # gradients are dead between steps: freed, not copied
                     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-                    host.copy_(_bytes_view(storage, nbytes), non_blocking=pin)
+                    host.copy_(bytes_view(storage, nbytes), non_blocking=pin)
                 entries.append(_Released(storage, nbytes, host))
         self._synchronize()  # the copies have finished reading before the storages go
         for entries in released.values():
@@ -168,7 +168,7 @@ class TrainerOffload:
         for entries in self._released.values():
             for entry in entries:
                 entry.storage.resize_(entry.nbytes)
-                view = _bytes_view(entry.storage, entry.nbytes)
+                view = bytes_view(entry.storage, entry.nbytes)
                 if entry.host is None:
                     view.zero_()
                 else:
