@@ -17,6 +17,9 @@ NeMo-RL use (issue 15):
 * A push (`weight_sync.push_weights`, called by the trainer after `for_training()`) wakes only the
   engine's weights, so trainer and engine weights are resident together just for the push.
 
+The trainer offloads once more before the engine is built (`Trainer._build_data`): vLLM sizes its
+KV cache from the device memory free when it starts.
+
 On the CPU the engine's sleep and wake are bookkeeping only (vLLM's sleep mode is GPU-only) and
 the trainer's offload runs host to host: the same calls in the same order.
 """

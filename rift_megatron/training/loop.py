@@ -200,9 +200,13 @@ class Trainer:
             # Each prompt fits with its own response length (checked); the longest pair may not.
             positions = model_positions(self.model_folder)
             length = min(longest_prompt + longest_response, positions[0] if positions else math.inf)
+            # Built while the trainer is offloaded: vLLM sizes its KV cache from the device memory
+            # free at start (rollout.gpu_memory_utilization), which the trainer gives back anyway.
+            offload = TrainerOffload(self.state, to_offload_parts(cfg))
+            offload.offload()
             self.engine = RolloutEngine(to_engine_config(cfg, max_model_len=int(length)))
             self.pool = VerifierPool(to_reward_spec(cfg))
-            self.handoff = MemoryHandoff(self.engine, TrainerOffload(self.state, to_offload_parts(cfg)), push=self._sync)
+            self.handoff = MemoryHandoff(self.engine, offload, push=self._sync)
 
     # ---- pieces of an iteration -------------------------------------------------------------
 

@@ -101,7 +101,8 @@ def test_tensorboard_has_every_steps_scalars(run):
 # Per rank, consecutive repeats merged (one push loads several buckets; an evaluation generates
 # greedy and sampled): issue 15's order, with the evaluations in it.
 EXPECTED_HANDOFFS = [
-    "sleep(2)", "wake(weights)", "load",              # the push at start (the engine sleeps first)
+    "offload",                                        # before the engine is built (it sizes its KV cache)
+    "sleep(2)", "reload", "wake(weights)", "load",    # the push at start (the engine sleeps first)
     "offload", "wake(kv_cache)", "generate",          # the initial evaluation, then rollout 1
     "sleep(2)", "reload", "train",                    # epochs 1 and 2 of rollout 1
     "wake(weights)", "load",                          # push
