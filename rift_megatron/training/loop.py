@@ -388,6 +388,8 @@ class Trainer:
                 self.logger.log({"step": self.state.step, **{f"final_{k}": v for k, v in final.items()}})
         if cfg.checkpoint.dir and last_checkpoint != self.state.step:
             self._checkpoint()
+        if self.handoff is not None:
+            self.handoff.for_training()  # the trainer's state whole again for whoever holds it next
         return history
 
     @in_phase("rollout (waiting for every engine's samples)", "rollout.wait_timeout_minutes")
