@@ -20,6 +20,10 @@ built here (nothing is downloaded):
 4. kernel_options     (CUDA) the platform's kernel / overlap option table applied to the parity
                       model, and two fp32 steps (TF32 off) with it, with every fusion off and with
                       selective / full recomputation: all within PARITY_RTOL of the unfused run.
+5. trainer_offload    the training model's trainer (bf16, distributed optimizer) after one step:
+                      parameters, gradient buffers and optimizer state offloaded and reloaded
+                      (issue 15), torch.cuda.memory_allocated falling and rising by the offloaded
+                      bytes, every byte restored, one more step after the reload.
 
 Without CUDA the GPU-only checks are skipped (named in the report's `skipped`, with the reason)
 and everything else runs; GPU numbers are null unless they were measured. One JSON report
@@ -48,10 +52,11 @@ if _HERE not in sys.path:
 # What main() runs, and (listed in __all__) the pieces the verdicts rest on, which
 # tests/unit/test_gpu_check.py reaches through this module.
 from gpu_check_parts.checks import (  # noqa: E402
-    BudgetSpent, Context, check_convert, check_gpu_train, check_kernel_options, check_parity, failed_checks, guarded,
-    skipped, train_command)
+    BudgetSpent, Context, check_convert, check_gpu_train, check_kernel_options, check_parity, check_trainer_offload,
+    failed_checks, guarded, skipped, train_command)
 from gpu_check_parts.compare import (  # noqa: E402
-    PARITY_RTOL, compare_hf_folders, compare_step_metrics, kernel_problems, step_throughput, training_problems)
+    PARITY_RTOL, compare_hf_folders, compare_step_metrics, kernel_problems, offload_problems, step_throughput,
+    training_problems)
 from gpu_check_parts.fixtures import build_buffer, build_hf_model, build_tokenizer  # noqa: E402
 from gpu_check_parts.gpu_watch import gpu_usage_problems, open_gpu_reader, process_tree  # noqa: E402
 from gpu_check_parts.processes import base_env, probe_environment, say  # noqa: E402
@@ -61,7 +66,7 @@ from gpu_check_parts.shapes import PARITY, PARITY_RUN, SEED, RunShape  # noqa: E
 __all__ = ["CHECKS", "GPU_FIELDS", "GPU_ONLY", "PARITY", "PARITY_RTOL", "BudgetSpent", "Context", "RunShape",
            "build_buffer", "build_report", "compare_hf_folders", "compare_step_metrics", "gpu_usage_problems", "guarded",
            "kernel_problems",
-           "main", "process_tree", "skipped", "step_throughput", "train_command", "training_problems",
+           "main", "offload_problems", "process_tree", "skipped", "step_throughput", "train_command", "training_problems",
            "validate_report"]
 
 # The device tool's limit for one command is 10 minutes and issue 12 asks for < 8 on an H100:
@@ -136,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         checks.update(guarded(("parity_cpu_run", "cpu_noise_reference", "loss_parity"),
                               lambda: check_parity(ctx, parity_hf, parity_buffer), cuda))
         checks.update(guarded(("kernel_options",), lambda: check_kernel_options(ctx), cuda))
+        checks.update(guarded(("trainer_offload",), lambda: check_trainer_offload(ctx, hf), cuda))
     report = build_report(env_info, notes, size, {name: checks[name] for name in CHECKS}, started, inputs)
     return write_report(report, out, work, args.keep)
 

@@ -11,6 +11,7 @@ script's own folder, bench/, is the first entry of sys.path when it runs):
     gpu_watch.py  GPU memory read from outside the processes (NVML or nvidia-smi) while a process
                   tree runs, and what counts as that tree having used the GPU
     processes.py  subprocesses: their environment, logged and watched runs, the environment probe
-    checks.py     the checks themselves (convert, gpu_train, parity) and their time budget
+    checks.py     the checks themselves (convert, gpu_train, parity, trainer_offload) and their time budget
+    offload_probe.py  the trainer offload measured in a process of its own (run by trainer_offload)
     report.py     the JSON report: its schema, its validation, the summary printed for a person
 """

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .compare import compare_hf_folders, compare_step_metrics, kernel_problems, step_throughput, training_problems
+from .compare import (compare_hf_folders, compare_step_metrics, kernel_problems, offload_problems, step_throughput,
+                      training_problems)
 from .gpu_watch import GIB, MIB, GpuReader, gpu_usage_problems
 from .processes import cpu_env, run_logged, say
 from .report import GPU_ONLY
@@ -205,6 +206,24 @@ def check_kernel_options(ctx: Context) -> dict[str, dict[str, Any]]:
     verdict = kernel_problems(probe)
     return {"kernel_options": {**result, "status": "pass" if verdict["passed"] else "fail", **verdict,
                                "device": probe["device"], "table": probe["variants"]["platform"]["options"]}}
+
+
+def check_trainer_offload(ctx: Context, hf_dir: Path) -> dict[str, dict[str, Any]]:
+    """The trainer offload of issue 15 on the GPU: every part released and re-allocated by about
+    its bytes (torch.cuda.memory_allocated), every byte restored, a step trains afterwards."""
+    if not ctx.cuda:
+        return {"trainer_offload": skipped("no CUDA device: the CPU proxy is tests/unit/test_trainer_offload.py")}
+    out = ctx.work / "offload_probe.json"
+    probe = [sys.executable, str(Path(__file__).with_name("offload_probe.py")), "--hf", str(hf_dir), "--out", str(out)]
+    result = run_logged(probe, ctx.env, ctx.work / "offload_probe.log", ctx.timeout(300))
+    if result["returncode"] or not out.exists():
+        return {"trainer_offload": {**result, "status": "fail", "problems": [f"exit code {result['returncode']}"]}}
+    measured = json.loads(out.read_text())
+    measured.update(expected_gib=measured["offloaded_bytes"] / GIB,
+                    released_gib=(measured["allocated_before"] - measured["allocated_offloaded"]) / GIB)
+    problems = offload_problems(measured)
+    return {"trainer_offload": {**result, "status": "fail" if problems else "pass", "problems": problems,
+                                "result": measured}}
 
 
 def failed_checks(names: Sequence[str], why: str, error: str, cuda: bool) -> dict[str, dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The verdicts the GPU check's numbers are judged by: per-step metrics of two runs (GPU vs CPU,
 with the tolerance and why it is what it is), whether a run's metrics show real optimizer steps on
-the right platform, tokens/s of a step, and a bit-exact comparison of two HF folders. Pure
+the right platform, tokens/s of a step, a bit-exact comparison of two HF folders, and whether the
+trainer offload released and restored what it should (`offload_problems`). Pure
 functions of what the runs wrote (unit-tested in tests/unit/test_gpu_check.py)."""
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from typing import Any
 # below the TF32 proxy at every step) and loss 2e-5 (360x the round-off, below bf16's effect).
 PARITY_RTOL: dict[str, float] = {"loss": 2e-5, "grad_norm": 1e-4}
 EXACT_KEYS = ("tokens",)  # integer counts of the same batches: must be equal, not close
+# Trainer offload: torch's allocator rounds each block up to 512 bytes, so the bytes released and
+# re-allocated differ from the storages' own sizes by at most a few KiB per storage; 1% of the
+# offloaded bytes is far above that and far below a part left behind (each part is >= 11%).
+OFFLOAD_RTOL = 0.01
 
 
 def relative_diff(a: float, b: float) -> float:
@@ -161,3 +166,20 @@ def kernel_problems(probe: Mapping[str, Any]) -> dict[str, Any]:
                    for name, variant in variants.items() if name != "unfused"}
     problems += [f"{name} vs unfused: {p}" for name, c in comparisons.items() for p in c["problems"]]
     return {"passed": not problems, "problems": problems, "comparisons": comparisons}
+
+
+def offload_problems(result: Mapping[str, Any]) -> list[str]:
+    """What is wrong with an offload probe's result (bench/gpu_check_parts/offload_probe.py):
+    storages not emptied, bytes not restored, no training after the reload and, with CUDA, device
+    memory not released by (about) the offloaded bytes or not re-allocated after the reload."""
+    problems = [f"{key} is false" for key in ("storages_empty_while_offloaded", "checksums_equal",
+                                              "grads_zero_after_reload") if not result.get(key)]
+    if not math.isfinite(result.get("loss_after_reload", math.nan)):
+        problems.append(f"the step after the reload gave loss {result.get('loss_after_reload')}")
+    if result.get("cuda"):
+        expected, before = result["offloaded_bytes"], result["allocated_before"]
+        released, regained = before - result["allocated_offloaded"], result["allocated_reloaded"] - result["allocated_offloaded"]
+        for what, value in (("released while offloaded", released), ("re-allocated by the reload", regained)):
+            if abs(value - expected) > OFFLOAD_RTOL * expected:
+                problems.append(f"{what}: {value / 2**30:.3f} GiB, expected {expected / 2**30:.3f} GiB")
+    return problems

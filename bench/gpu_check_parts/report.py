@@ -13,12 +13,12 @@ from typing import Any
 
 SCHEMA = "rift-gpu-check/1"
 CHECKS = ("convert_round_trip", "convert_no_gpu_memory", "gpu_train", "parity_cpu_run",
-          "cpu_noise_reference", "loss_parity", "kernel_options")
-GPU_ONLY = ("convert_no_gpu_memory", "gpu_train", "loss_parity", "kernel_options")
+          "cpu_noise_reference", "loss_parity", "kernel_options", "trainer_offload")
+GPU_ONLY = ("convert_no_gpu_memory", "gpu_train", "loss_parity", "kernel_options", "trainer_offload")
 STATUSES = ("pass", "fail", "skipped")
 GPU_FIELDS = ("device_name", "train_peak_allocated_gib", "train_peak_device_used_gib", "train_process_peak_gib",
               "train_tokens_per_s", "train_loss_tokens_per_s", "train_model_tflops", "convert_max_gpu_mib",
-              "parity_max_rel_diff")
+              "parity_max_rel_diff", "offload_released_gib", "offload_expected_gib")
 
 
 def validate_report(report: Mapping[str, Any]) -> list[str]:
@@ -62,12 +62,14 @@ def gpu_summary(env_info: Mapping[str, Any], checks: Mapping[str, dict[str, Any]
     if not env_info.get("cuda_available"):
         return summary
     train, parity, conv = checks.get("gpu_train", {}), checks.get("loss_parity", {}), checks.get("convert_no_gpu_memory", {})
+    offload = checks.get("trainer_offload", {}).get("result") or {}
     summary.update(device_name=env_info.get("device_name"), train_peak_allocated_gib=train.get("peak_allocated_gib"),
                    train_peak_device_used_gib=train.get("peak_device_used_gib"),
                    train_process_peak_gib=train.get("process_peak_gib"), train_tokens_per_s=train.get("tokens_per_s"),
                    train_loss_tokens_per_s=train.get("loss_tokens_per_s"),
                    train_model_tflops=train.get("model_tflops_6nd"), convert_max_gpu_mib=conv.get("max_tree_gpu_mib"),
-                   parity_max_rel_diff=(parity.get("comparison") or {}).get("max_rel_diff"))
+                   parity_max_rel_diff=(parity.get("comparison") or {}).get("max_rel_diff"),
+                   offload_released_gib=offload.get("released_gib"), offload_expected_gib=offload.get("expected_gib"))
     return summary
 
 
@@ -112,6 +114,8 @@ def print_summary(report: Mapping[str, Any], out: Path) -> None:
           f"{_fmt(gpu['train_peak_device_used_gib'], 'GiB')}, trainer processes (NVML) "
           f"{_fmt(gpu['train_process_peak_gib'], 'GiB')}, throughput {_fmt(gpu['train_tokens_per_s'], 'tokens/s', '.0f')}")
     print(f"  conversions' GPU memory: {_fmt(gpu['convert_max_gpu_mib'], 'MiB')}")
+    print(f"  trainer offload: released {_fmt(gpu['offload_released_gib'], 'GiB')} of "
+          f"{_fmt(gpu['offload_expected_gib'], 'GiB')} offloaded")
     for item in report["skipped"]:
         print(f"  SKIPPED {item['check']}: {item['reason']}")
     for note in report["notes"]:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from rift_megatron.parallel import ParallelLayout
     from rift_megatron.rollout.engine import EngineConfig, SamplingConfig
     from rift_megatron.rollout.rewards import RewardSpec
+    from rift_megatron.training.offload import OffloadParts
     from rift_megatron.training.setup import OptimConfig
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "to_engine_config",
     "to_eval_sampling_config",
     "to_loss_settings",
+    "to_offload_parts",
     "to_optim_config",
     "to_overlap_request",
     "to_parallel_layout",
@@ -178,6 +180,18 @@ def to_engine_config(cfg: RiftConfig, max_model_len: int | None = None) -> Engin
 
 
 _ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def to_offload_parts(cfg: RiftConfig) -> OffloadParts:
+    """`rollout.param_offload` / `grad_offload` / `optimizer_offload`, each null meaning "on with
+    CUDA": on a GPU the trainer's memory is what the co-located engine's KV cache needs; on the
+    CPU the offload would only copy host memory to host memory (the tests switch it on there)."""
+    from rift_megatron.platform import current_platform
+    from rift_megatron.training.offload import OffloadParts
+
+    r, default = cfg.rollout, current_platform().is_cuda
+    return OffloadParts(**{part: default if value is None else value for part, value in
+                           (("params", r.param_offload), ("grads", r.grad_offload), ("optimizer", r.optimizer_offload))})
 
 
 def engine_dtype(cfg: RiftConfig) -> str:

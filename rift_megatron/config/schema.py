@@ -206,7 +206,22 @@ class RolloutConfig:
         240.0, "How long ranks whose engines finished a rollout wait for the slowest one (in a CPU gloo group of "
                "its own, outside the training collectives and their parallel.collective_timeout_minutes).", gt=0
     )
-    enable_sleep_mode: bool = _f(True, "Release engine memory while training (GPU only; a no-op on CPU).")
+    enable_sleep_mode: bool = _f(
+        True, "Release engine memory while training: a level-2 sleep (weights and KV cache discarded; the next "
+              "push restores the weights). GPU only; bookkeeping only on CPU."
+    )
+    param_offload: bool | None = _f(
+        None, "Move the trainer's parameters (Megatron DDP's parameter buffers) to host memory while the engine "
+              "generates, and back before training; null: on with CUDA, off on CPU (host to host there)."
+    )
+    grad_offload: bool | None = _f(
+        None, "Free the trainer's gradient buffers while the engine generates (they hold nothing between steps; "
+              "re-zeroed before training); null: on with CUDA, off on CPU."
+    )
+    optimizer_offload: bool | None = _f(
+        None, "Move the optimizer state (Adam moments, fp32 main parameters of a bf16 model) to host memory while "
+              "the engine generates; null: on with CUDA, off on CPU."
+    )
     sync_bucket_mb: int = _f(
         256,
         "Trainer -> engine weight push bucket size in MiB (peak extra memory). Buckets are cut only between "

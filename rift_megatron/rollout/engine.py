@@ -12,9 +12,12 @@ Where the engine runs, and why:
 Either way V1 multiprocessing is off: nothing crosses process boundaries, so a weight push
 hands tensors over by reference.
 
-On GPU the engine sleeps while the trainer trains (level 1: weights offloaded, KV cache freed)
-and wakes for rollout: weights first, then the new weights are pushed, then the KV cache. vLLM's
-sleep mode is GPU-only; on CPU `sleep`/`wake_up` log and do nothing.
+On GPU the engine sleeps while the trainer trains and wakes for rollout: weights first, then the
+new weights are pushed, then the KV cache (the order `training/handoff.py` runs). vLLM's sleep mode
+is GPU-only: on CPU `sleep` / `wake_up` call nothing in vLLM, but the engine tracks what a GPU
+engine would hold in either case, and refuses to generate while its KV cache or weights are
+asleep, or after a level-2 sleep discarded its weights and no push has loaded new ones. So an
+ordering mistake fails on the CPU the way it would fail (or silently sample garbage) on a GPU.
 
 Behaviour log-probs are the model's own log-probs of each sampled token at temperature 1
 (vLLM's "raw_logprobs"), i.e. exactly what the trainer recomputes; with temperature != 1 or
@@ -40,6 +43,7 @@ from rift_megatron.platform import current_platform
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "rift_megatron.rollout.worker_extension.WeightSyncExtension"
+ENGINE_MEMORY = ("weights", "kv_cache")  # vLLM's sleep-mode tags
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,8 @@ class RolloutEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.platform = current_platform()
-        self._asleep = False
+        self._asleep: set[str] = set()  # which of ENGINE_MEMORY are released
+        self._weights_discarded = False  # a level-2 sleep since the last load_weights
         self._llm = self._build()
         self._check_placement()
 
@@ -206,6 +211,7 @@ class RolloutEngine:
 
         if k < 1:
             raise ValueError(f"k (samples per prompt) must be >= 1, got {k}")
+        self._require_awake("generate")
         indices = list(prompt_indices) if prompt_indices is not None else list(range(len(prompts)))
         params = [
             SamplingParams(
@@ -235,6 +241,7 @@ class RolloutEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._require_awake("compute log-probs")
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=list(s)) for s in sequences], params, use_tqdm=False)
         return [
@@ -247,7 +254,10 @@ class RolloutEngine:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (a subset of) HF-named full tensors into every worker of this engine; the caller
         keeps each fused layer's tensors in one call (see `weight_sync.buckets`)."""
+        if "weights" in self._asleep:
+            raise RuntimeError("the rollout engine's weights are asleep: wake_up(['weights']) before loading weights")
         self._llm.collective_rpc("rift_load_weights", args=(list(weights),))
+        self._weights_discarded = False
 
     def placement(self) -> dict:
         """This process's worker: its global and local rank and its device."""
@@ -257,20 +267,45 @@ class RolloutEngine:
         """Drop KV cached under the old weights: without it vLLM reuses it after a push."""
         self._llm.reset_prefix_cache()
 
-    def sleep(self) -> None:
-        """Free engine memory while the trainer trains (GPU); a logged no-op on CPU."""
-        if not (self.platform.is_cuda and self.config.enable_sleep_mode):
-            logger.debug("rollout engine sleep: no-op (sleep mode is GPU-only)")
+    @property
+    def weights_discarded(self) -> bool:
+        """A level-2 sleep discarded the weights and no push has loaded new ones since."""
+        return self._weights_discarded
+
+    @property
+    def kv_cache_awake(self) -> bool:
+        return "kv_cache" not in self._asleep
+
+    def sleep(self, level: int = 1) -> None:
+        """Release the engine's memory (GPU): level 1 offloads the weights to host memory and frees
+        the KV cache; level 2 discards both, and a push must load weights before the next
+        generation (no host copy, no copy back). CPU: only the bookkeeping (vLLM's sleep mode is
+        GPU-only). Nothing at all with `enable_sleep_mode` off."""
+        if not self.config.enable_sleep_mode:
+            logger.debug("rollout engine sleep: sleep mode is off")
             return
-        if self._asleep:
-            return
-        self._llm.sleep(level=1)
-        self._asleep = True
+        if self._asleep != set(ENGINE_MEMORY):
+            if self.platform.is_cuda:
+                self._llm.sleep(level=level)
+            else:
+                logger.debug("rollout engine sleep(level=%d): bookkeeping only (sleep mode is GPU-only)", level)
+        self._asleep = set(ENGINE_MEMORY)
+        self._weights_discarded = self._weights_discarded or level >= 2
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        """Re-allocate engine memory: `["weights"]` before a push, `["kv_cache"]` after it."""
-        if not self._asleep:
-            logger.debug("rollout engine wake_up(%s): no-op", tags)
+        """Re-allocate engine memory: `["weights"]` before a push, `["kv_cache"]` after it (None: all)."""
+        waking = self._asleep & set(tags if tags is not None else ENGINE_MEMORY)
+        if not waking:
+            logger.debug("rollout engine wake_up(%s): already awake", tags)
             return
-        self._llm.wake_up(tags)
-        self._asleep = tags is not None and "kv_cache" not in tags
+        if self.platform.is_cuda:
+            self._llm.wake_up(sorted(waking))
+        self._asleep -= waking
+
+    def _require_awake(self, what: str) -> None:
+        if self._asleep:
+            raise RuntimeError(f"the rollout engine cannot {what}: its {' and '.join(sorted(self._asleep))} "
+                               "memory is asleep (wake_up first)")
+        if self._weights_discarded:
+            raise RuntimeError(f"the rollout engine cannot {what}: a level-2 sleep discarded its weights and "
+                               "none were pushed since")

@@ -245,7 +245,8 @@ def push_weights(
     path: str = "auto",
 ) -> SyncStats:
     """Collective over the trainer's world: every rank streams the weights into its engine
-    (`path`: see `push_path`)."""
+    (`path`: see `push_path`). Wakes the engine's weights only: its KV cache wakes when generation
+    needs it (`training/handoff.py`), after the trainer has offloaded."""
     start = time.perf_counter()
     engine.wake_up(["weights"])
     path = push_path(path, engine.config.tensor_parallel_size)
@@ -259,7 +260,6 @@ def push_weights(
     expected = sum(len(m.hf) for m in expand(arch))
     if tensors != expected:
         raise WeightSyncError(f"pushed {tensors} tensors, the model has {expected}")
-    engine.wake_up(["kv_cache"])
     engine.reset_prefix_cache()
     return SyncStats(seconds=time.perf_counter() - start, bytes=total_bytes, tensors=tensors, buckets=count,
                      received_bytes=traffic.received, path=path)

@@ -8,6 +8,8 @@ checked), evaluation and checkpoints happen at their intervals. Checkpoints are 
 iteration boundaries, where the whole loop state is the trainer state plus the sampler.
 Offline: the buffer's samples are drawn `global_batch_size` at a time by the same seeded,
 resumable sampler; one optimizer step each.
+Device memory moves between trainer and engine around every generation (`training/handoff.py`):
+each phase below asks for what it needs (`for_training` / `for_generation`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from rift_megatron.config import (
     sync_check_tolerance,
     to_engine_config,
     to_loss_settings,
+    to_offload_parts,
     to_optim_config,
     to_parallel_layout,
     to_precision_config,
@@ -58,7 +61,9 @@ from rift_megatron.platform.memory import memory_metrics
 from rift_megatron.rollout.batching import Sample, build_train_batch
 from rift_megatron.training.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from rift_megatron.training.errors import NonFiniteTrainingError, TrainingInterrupted
+from rift_megatron.training.handoff import MemoryHandoff
 from rift_megatron.training.interrupts import StopRequest
+from rift_megatron.training.offload import TrainerOffload
 from rift_megatron.training.phases import in_phase
 from rift_megatron.training.metrics import MetricsLogger
 from rift_megatron.training.preflight import check_checkpoint_dir, checkpoint_bytes, model_parameters
@@ -188,7 +193,7 @@ class Trainer:
             self.sampler = PromptSampler(len(self.buffer), cfg.training.global_batch_size, seed=cfg.training.seed, shuffle=cfg.data.shuffle)
         if self._sampler_state is not None:
             self.sampler.load_state_dict(self._sampler_state)
-        self.engine = self.pool = None
+        self.engine = self.pool = self.handoff = None
         if cfg.data.mode == "online" or cfg.eval.prompts:
             from rift_megatron.rollout.engine import RolloutEngine
             from rift_megatron.rollout.verifier_pool import VerifierPool
@@ -198,8 +203,13 @@ class Trainer:
             # Each prompt fits with its own response length (checked); the longest pair may not.
             positions = model_positions(self.model_folder)
             length = min(longest_prompt + longest_response, positions[0] if positions else math.inf)
+            # Built while the trainer is offloaded: vLLM sizes its KV cache from the device memory
+            # free at start (rollout.gpu_memory_utilization), which the trainer gives back anyway.
+            offload = TrainerOffload(self.state, to_offload_parts(cfg))
+            offload.offload()
             self.engine = RolloutEngine(to_engine_config(cfg, max_model_len=int(length)))
             self.pool = VerifierPool(to_reward_spec(cfg))
+            self.handoff = MemoryHandoff(self.engine, offload, push=self._sync)
 
     # ---- pieces of an iteration -------------------------------------------------------------
 
@@ -207,13 +217,13 @@ class Trainer:
     def _train_on(self, batch: dict, extra: dict, history: list, after_push: bool = False) -> None:
         """Optimizer steps over this rank's share `batch` in global batches; log each.
 
-        The co-located engine sleeps meanwhile (GPU: its weights are offloaded and its KV cache
-        freed, so the trainer gets the memory back; CPU: a no-op); the next push wakes it.
+        The co-located engine sleeps meanwhile and the trainer's offloaded parts come back
+        (`MemoryHandoff.for_training`; their timings join the first step's metrics).
         `after_push`: `batch` was sampled by the engine right after a weight push, so the first
         step's recomputed log-probs of the sampled tokens check that push before the weights move.
         """
-        if self.engine is not None:
-            self.engine.sleep()
+        if self.handoff is not None:
+            extra = {**extra, **self.handoff.for_training()}
         per_rank = self.cfg.training.global_batch_size // self.dp_size
         samples = batch["tokens"].shape[0]
         check = self._push_check if after_push and self.sync_tolerance is not None else None
@@ -274,9 +284,10 @@ class Trainer:
     def _sync(self) -> dict:
         from rift_megatron.rollout.weight_sync import push_weights
 
+        reloaded = self.handoff.for_training()
         stats = push_weights(self.engine, self.state.unwrapped_chunks(), self.arch,
                              bucket_bytes=self.cfg.rollout.sync_bucket_mb * 2**20, path=self.cfg.rollout.sync_path)
-        return {"sync_seconds": stats.seconds, "sync_bytes": float(stats.bytes), "sync_buckets": float(stats.buckets),
+        return {**reloaded, "sync_seconds": stats.seconds, "sync_bytes": float(stats.bytes), "sync_buckets": float(stats.buckets),
                 "sync_received_bytes": float(stats.received_bytes)}
 
     def _probe_check(self) -> dict:
@@ -290,6 +301,7 @@ class Trainer:
         trainer = sequence_logprobs(self.state.model, probe, self.arch.vocab_size)
         mask = torch.zeros(1, probe.shape[1] - 1)
         mask[:, len(row.prompt_ids) - 1:] = 1.0  # position t-1 predicts token t: the response tokens
+        self.handoff.for_generation()
         mismatch = probe_mismatch(self.engine, trainer, probe, mask)
         check_mismatch(mismatch, self.sync_tolerance, f"weight push for the evaluation at step {self.state.step}")
         return {"sync_logprob_diff_mean": mismatch.mean, "sync_logprob_diff_max": mismatch.max}
@@ -304,6 +316,7 @@ class Trainer:
                 self._probe_check()
 
         max_tokens = self.cfg.eval.max_tokens or self.cfg.rollout.max_tokens
+        self.handoff.for_generation()
         result = evaluate(self.engine, self.eval_records, self.eval_ids, self.pool, max_tokens=max_tokens,
                           k=self.cfg.eval.k, temperature=self.cfg.eval.temperature, step=10**6 + self.state.step,
                           engine_tp=self.cfg.rollout.engine_tensor_parallel)
@@ -314,6 +327,8 @@ class Trainer:
 
     @in_phase("checkpoint save")
     def _checkpoint(self) -> Path:
+        if self.handoff is not None:
+            self.handoff.for_training()
         return save_training_checkpoint(
             self.cfg.checkpoint.dir, self.state,
             {"rollout_step": self.rollout_step, "sampler": self.sampler.state_dict()},
@@ -342,8 +357,9 @@ class Trainer:
         while self.state.step < cfg.training.steps:
             before = self.state.step
             if cfg.data.mode == "online":
+                handed = self.handoff.for_generation()
                 rollout = self._rollout_batch()
-                self._train_on(rollout.train_batch, {**pending, **rollout.metrics}, history, after_push=True)
+                self._train_on(rollout.train_batch, {**pending, **handed, **rollout.metrics}, history, after_push=True)
                 pending = self._sync()
             else:
                 indices = PromptSampler.shard(self.sampler.next_batch(), self.dp_rank, self.dp_size)
@@ -378,6 +394,8 @@ class Trainer:
                 self.logger.log({"step": self.state.step, **{f"final_{k}": v for k, v in final.items()}})
         if cfg.checkpoint.dir and last_checkpoint != self.state.step:
             self._checkpoint()
+        if self.handoff is not None:
+            self.handoff.for_training()  # the trainer's state whole again for whoever holds it next
         return history
 
     @in_phase("rollout (waiting for every engine's samples)", "rollout.wait_timeout_minutes")

@@ -40,13 +40,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def run_train(overrides: list[str], nproc: int, run_dir: Path, timeout: float = 900) -> list[dict]:
-    """Run `train_command`, fail the test with its output unless it exits 0 in time; its metrics.
-    A run that does not finish in time (a hang) fails with its output so far."""
-    from tests.rollout_fixtures import subprocess_env
-
+def run_train(overrides: list[str], nproc: int, run_dir: Path, timeout: float = 900, env: dict | None = None) -> list[dict]:
+    """Run `train_command` (in `env`, default `subprocess_env()`), fail the test with its output
+    unless it exits 0 in time; its metrics. A run that does not finish in time (a hang) fails
+    with its output so far."""
     try:
-        result = subprocess.run(train_command(overrides, nproc), env=subprocess_env(), cwd=REPO_ROOT,
+        result = subprocess.run(train_command(overrides, nproc), env=env or subprocess_env(), cwd=REPO_ROOT,
                                 capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as error:
         raise AssertionError(f"rift train x{nproc} did not finish in {timeout:.0f} s (a hang?):\n{error.stderr}") from None
@@ -65,14 +64,25 @@ def online_overrides(prompts: Path, run_dir: Path, steps: int, **settings) -> li
     return [f"{key}={value}" for key, value in {**base, **settings}.items()]
 
 
-def online_run(work: Path, nproc: int, steps: int, timeout: float = 900, **settings) -> dict:
+def online_run(work: Path, nproc: int, steps: int, timeout: float = 900, env: dict | None = None, **settings) -> dict:
     """A short online run (`online_overrides` + `settings`) on 8 arithmetic prompts in `work`;
     returns {"metrics", "work"} (the run directory is work/run)."""
     from tests.rollout_fixtures import arithmetic_prompts, write_jsonl
 
     prompts = write_jsonl(work / "prompts.jsonl", arithmetic_prompts(8))
     overrides = online_overrides(prompts, work / "run", steps, **settings)
-    return {"metrics": run_train(overrides, nproc, work / "run", timeout=timeout), "work": work}
+    return {"metrics": run_train(overrides, nproc, work / "run", timeout=timeout, env=env), "work": work}
+
+
+def memory_log_env(log: Path) -> dict:
+    """The environment of a run that records its device-memory handoff events (engine sleep /
+    wake, trainer offload / reload, pushes, generation, steps, checkpoints) in `log.<rank>`
+    (tests/distributed/memory_log/sitecustomize.py)."""
+    import os
+
+    env = subprocess_env(RIFT_TEST_MEMORY_LOG=str(log))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).with_name("memory_log")), env["PYTHONPATH"]])
+    return env
 
 
 # Loaded by a run's interpreter (sitecustomize on PYTHONPATH): the checkpoint whose directory is

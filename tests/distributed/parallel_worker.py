@@ -2,7 +2,10 @@
 
 It reads a JSON spec and, per run, initialises the requested TP/PP/VPP layout (DP fills the
 world), loads the shared initial weights, trains a few RIFT steps on the same global batch, and
-saves the final weights as a dist_checkpointing checkpoint plus the per-step metrics. A `compare`
+saves the final weights as a dist_checkpointing checkpoint plus the per-step metrics. A run with
+`offload` moves every part of the trainer to host memory and back before, between and after its
+steps (checking that each offloaded storage is empty meanwhile), as the online loop does around
+generation. A `compare`
 spec loads every run's checkpoint into one TP1 model and reports per-tensor differences against
 the baseline, so layouts are compared on the same unsharded weights.
 """
@@ -22,6 +25,7 @@ from rift_megatron.models.presets import tiny_hf_config
 from rift_megatron.parallel import ParallelLayout, destroy_model_parallel, init_distributed, init_model_parallel
 from rift_megatron.training.batch import shard_for_data_parallel
 from rift_megatron.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+from rift_megatron.training.offload import OffloadParts, TrainerOffload
 from rift_megatron.training.setup import OptimConfig, build_model_chunks, setup_training
 from rift_megatron.training.step import micro_batches_of, prepare_batch, train_step
 from rift_megatron.models.performance import OverlapRequest
@@ -75,9 +79,14 @@ def train_run(spec: dict, run: dict, work: Path) -> None:
         for name, param in named_checkpoint_parameters(state.unwrapped_chunks()).items():
             grads[name] = gather_tensor_parallel(param, name, ps.get_tensor_model_parallel_group(), param.main_grad).clone()
 
-    history = [train_step(state, shard, settings, micro_batch_size, check=first_gradients if step == 0 and capture else None,
-                          max_tokens_per_micro_batch=max_tokens)
-               for step in range(spec["steps"])]
+    offload = TrainerOffload(state, OffloadParts(params=True, grads=True, optimizer=True)) if run.get("offload") else None
+    history = []
+    for step in range(spec["steps"]):
+        offload_and_reload(offload)
+        history.append(train_step(state, shard, settings, micro_batch_size,
+                                  check=first_gradients if step == 0 and capture else None,
+                                  max_tokens_per_micro_batch=max_tokens))
+    offload_and_reload(offload)
     # How many micro-batches (and of which shapes) each data-parallel rank ran: packing may differ.
     shapes = [list(mb["tokens"].shape) for mb in micro_batches_of(prepare_batch(shard, state), state, micro_batch_size, max_tokens)]
     per_rank = [None] * dp_size
@@ -101,6 +110,17 @@ def _stale_weights(state) -> float:
     before = [p.detach().clone() for chunk in unwrap_model(state.model) for p in chunk.parameters()]
     after = [p.detach() for chunk in state.unwrapped_chunks() for p in chunk.parameters()]
     return max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True))
+
+
+def offload_and_reload(offload: TrainerOffload | None) -> None:
+    """Offload every part; each of this rank's storages (its shard of the optimizer state too)
+    must hold 0 bytes until the reload."""
+    if offload is None:
+        return
+    storages = [s for part in offload.storages().values() for s in part]
+    offload.offload()
+    assert storages and all(s.nbytes() == 0 for s in storages), [s.nbytes() for s in storages]
+    offload.reload()
 
 
 def compare_runs(spec: dict, work: Path) -> None:

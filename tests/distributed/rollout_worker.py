@@ -169,7 +169,30 @@ def engine_checks(engine, prompts: list[list[int]], spec: dict) -> dict:
     engine.sleep()
     engine.wake_up()
     report["after_sleep"] = _as_records(engine.generate(four, k, sampling, step=0))
+    # What a GPU engine could not do, refused on the CPU too: generating while asleep, or after a
+    # level-2 sleep discarded the weights and before a push; the push (the same weights) clears it.
+    engine.sleep()
+    engine.wake_up(["weights"])
+    report["refusals"] = [_refusal(lambda: engine.generate(four, k, sampling, step=0))]
+    engine.wake_up(["kv_cache"])
+    engine.sleep(level=2)
+    engine.wake_up()
+    report["refusals"].append(_refusal(lambda: engine.prompt_logprobs(four)))
+    from safetensors.torch import load_file
+
+    engine.load_weights(sorted(load_file(str(Path(spec["hf_dir"]) / "model.safetensors")).items()))
+    engine.reset_prefix_cache()
+    report["after_discard_and_push"] = _as_records(engine.generate(four, k, sampling, step=0))
     return report
+
+
+def _refusal(call) -> str | None:
+    """The message of the RuntimeError `call` raises (None: it ran)."""
+    try:
+        call()
+    except RuntimeError as error:
+        return str(error)
+    return None
 
 
 # ------------------------------------------------------------------------------ sync checks

@@ -6,6 +6,13 @@ all-gathered in sampler order and split back over the data-parallel ranks; each 
 on for two epochs (`training.epochs_per_rollout: 2`, one optimizer step each), then the weights are
 pushed into both engines and checked on the next rollout's sampled tokens. A checkpoint after every
 step with `checkpoint.keep_last: 1`, and TensorBoard on.
+
+The trainer offloads its parameters, gradient buffers and (distributed) optimizer state around
+every generation (`rollout.param_offload` / `grad_offload` / `optimizer_offload`, off by default
+on the CPU), with evaluations every 2 steps, and records every device-memory handoff
+(tests/distributed/memory_log): the order of engine sleep / wake, push, trainer offload / reload,
+generation, steps and checkpoints is checked against issue 15's, and every push check above runs
+on weights that went through offload and reload.
 """
 
 from __future__ import annotations
@@ -14,8 +21,8 @@ import json
 
 import pytest
 
-from tests.distributed.launch import online_run
-from tests.rollout_fixtures import shared_tiny_model
+from tests.distributed.launch import memory_log_env, online_run
+from tests.rollout_fixtures import arithmetic_prompts, shared_tiny_model, write_jsonl
 
 pytestmark = pytest.mark.distributed
 
@@ -28,7 +35,10 @@ K = 2
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     model, work = shared_tiny_model(tmp_path_factory), tmp_path_factory.mktemp("online")
-    return online_run(work, 2, STEPS, **{
+    eval_prompts = write_jsonl(work / "eval.jsonl", arithmetic_prompts(4, seed=5))
+    return online_run(work, 2, STEPS, env=memory_log_env(work / "memory.log"), **{
+        "rollout.param_offload": "true", "rollout.grad_offload": "true", "rollout.optimizer_offload": "true",
+        "eval.prompts": eval_prompts, "eval.interval": EPOCHS, "eval.max_tokens": 4,
         "model.hf_dir": model["hf"], "model.mcore_ckpt": model["mcore"], "data.prompts_per_step": PROMPTS_PER_STEP,
         "rollout.k": K, "training.global_batch_size": PROMPTS_PER_STEP * K, "checkpoint.dir": work / "checkpoints",
         "training.epochs_per_rollout": EPOCHS, "checkpoint.interval": 1, "checkpoint.keep_last": 1,
@@ -86,3 +96,36 @@ def test_tensorboard_has_every_steps_scalars(run):
     assert {"loss", "grad_norm", "logprob_diff_mean"} <= set(events.Tags()["scalars"])
     logged = {m["step"]: m["loss"] for m in _steps(run)}
     assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx(logged, rel=1e-6)
+
+
+# Per rank, consecutive repeats merged (one push loads several buckets; an evaluation generates
+# greedy and sampled): issue 15's order, with the evaluations in it.
+EXPECTED_HANDOFFS = [
+    "offload",                                        # before the engine is built (it sizes its KV cache)
+    "sleep(2)", "reload", "wake(weights)", "load",    # the push at start (the engine sleeps first)
+    "offload", "wake(kv_cache)", "generate",          # the initial evaluation, then rollout 1
+    "sleep(2)", "reload", "train",                    # epochs 1 and 2 of rollout 1
+    "wake(weights)", "load",                          # push
+    "offload", "wake(kv_cache)", "generate",          # evaluation at step 2
+    "sleep(2)", "reload", "checkpoint",               # checkpoint of step 2 (the engine's weights discarded)
+    "wake(weights)", "load",                          # so they are pushed again before rollout 2
+    "offload", "wake(kv_cache)", "generate",          # rollout 2
+    "sleep(2)", "reload", "train",
+    "wake(weights)", "load",
+    "offload", "wake(kv_cache)", "generate",          # evaluation at step 4 (also the final one)
+    "sleep(2)", "reload", "checkpoint",               # the last checkpoint
+]
+
+
+def test_memory_moves_between_trainer_and_engine_in_issue_15s_order(run):
+    for rank in (0, 1):
+        events = (run["work"] / f"memory.log.{rank}").read_text().split()
+        merged = [event for i, event in enumerate(events) if i == 0 or event != events[i - 1]]
+        assert merged == EXPECTED_HANDOFFS, f"rank {rank}: {merged}"
+        assert events.count("train") == STEPS and events.count("checkpoint") == 2  # after steps 2 and 4
+
+
+def test_offload_metrics_come_with_each_rollouts_first_step(run):
+    steps = _steps(run)
+    for m in steps[::EPOCHS]:
+        assert m["trainer_offloaded_gib"] > 0 and m["trainer_offload_seconds"] > 0 and m["trainer_reload_seconds"] > 0, m

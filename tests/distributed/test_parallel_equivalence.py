@@ -57,6 +57,7 @@ DOUBLE = [
     {"name": "tp2", "tp": 2, "pp": 1},
     {"name": "pp2", "tp": 1, "pp": 2},
     {"name": "dp2", "tp": 1, "pp": 1},
+    {"name": "dp2_offload", "tp": 1, "pp": 1, "offload": True},  # trainer offload around every step
     {"name": "dp2_plain_optimizer", "tp": 1, "pp": 1, "distributed_optimizer": False},
     {"name": "dp2_per_sign", "tp": 1, "pp": 1, "loss": PER_SIGN},
     {"name": "tp2_sp", "tp": 2, "pp": 1, "sp": True},
@@ -181,6 +182,14 @@ def test_overlapped_communication_was_on_and_its_weights_are_gathered_before_the
         assert histories[name]["stale_before_sync"] > LR / 2, name
     assert histories["dp2"]["stale_before_sync"] == 0.0
     assert histories["dp2"]["overlap"] == [False, False]  # the CPU default
+
+
+def test_offload_between_steps_changes_nothing_under_the_distributed_optimizer(results):
+    """DP2 with the optimizer state sharded over the ranks: offloading every part of the trainer
+    (and checking each rank's storages empty) before, between and after the steps gives exactly
+    the run without: the same numbers at every step, and final weights exactly as far from TP1's."""
+    assert results["histories"]["dp2_offload"]["history"] == results["histories"]["dp2"]["history"]
+    assert results["diffs"]["dp2_offload"] == results["diffs"]["dp2"]
 
 
 def test_per_sign_differs_from_global_normalisation(results):

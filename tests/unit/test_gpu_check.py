@@ -2,7 +2,7 @@
 
 The whole script needs minutes (and a GPU for half of it); what is tested here is the logic its
 verdicts rest on: the GPU-vs-CPU metric comparison, the training-metrics check, tokens/s, the
-"conversion used the GPU" verdict, the report schema (no GPU number without a GPU), the bit-exact
+"conversion used the GPU" verdict, the trainer-offload verdict, the report schema (no GPU number without a GPU), the bit-exact
 safetensors comparison, the process-tree walk the NVML sampler uses, and the random buffer.
 """
 
@@ -318,3 +318,37 @@ def test_the_kernel_verdict_fails_on_a_planted_fault(cpu_probe, plant, fragment)
     plant(probe)
     verdict = gpu_check.kernel_problems(probe)
     assert not verdict["passed"] and any(fragment in p for p in verdict["problems"]), verdict["problems"]
+
+
+# ---- offload_problems ------------------------------------------------------------------------
+
+GIB = 2**30
+
+
+def _offload_result(**changes) -> dict:
+    """An offload probe's result as a GPU run gives it: 16 GiB offloaded, released and re-allocated
+    up to allocator rounding (a few KiB)."""
+    result = {"cuda": True, "offloaded_bytes": 16 * GIB, "allocated_before": 20 * GIB,
+              "allocated_offloaded": 4 * GIB + 4096, "allocated_reloaded": 20 * GIB + 1024,
+              "storages_empty_while_offloaded": True, "checksums_equal": True, "grads_zero_after_reload": True,
+              "loss_after_reload": 3.06}
+    return {**result, **changes}
+
+
+def test_an_offload_that_released_and_restored_everything_passes():
+    assert gpu_check.offload_problems(_offload_result()) == []
+    cpu = _offload_result(cuda=False, allocated_before=None, allocated_offloaded=None, allocated_reloaded=None)
+    assert gpu_check.offload_problems(cpu) == []
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    ({"allocated_offloaded": 14 * GIB}, "released while offloaded: 6.000 GiB, expected 16.000 GiB"),  # the optimizer part stayed
+    ({"allocated_reloaded": 12 * GIB}, "re-allocated by the reload"),  # a part not brought back
+    ({"checksums_equal": False}, "checksums_equal is false"),
+    ({"storages_empty_while_offloaded": False}, "storages_empty_while_offloaded is false"),
+    ({"grads_zero_after_reload": False}, "grads_zero_after_reload is false"),
+    ({"loss_after_reload": math.nan}, "the step after the reload gave loss nan"),
+])
+def test_an_offload_that_kept_or_lost_something_fails_and_says_what(changes, fragment):
+    problems = gpu_check.offload_problems(_offload_result(**changes))
+    assert any(fragment in p for p in problems), problems

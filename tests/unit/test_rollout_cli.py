@@ -306,3 +306,13 @@ def test_sleep_and_wake_up_are_no_ops_on_cpu(engine_checks):
     still holds its weights: the same request gives the same samples and log-probs."""
     assert _samples(engine_checks["after_sleep"]) == _samples(engine_checks["step0"])
     assert _logprob_diff(engine_checks["after_sleep"], engine_checks["step0"]) <= LOGPROB_ATOL
+
+
+def test_the_engine_refuses_to_generate_while_asleep_or_discarded(engine_checks):
+    """The CPU engine keeps a GPU engine's sleep state (training/handoff.py's order relies on it):
+    generating with the KV cache asleep, or after a level-2 sleep before any push, is refused in
+    one line; a push of the same weights lifts it and sampling is unchanged."""
+    asleep, discarded = engine_checks["refusals"]
+    assert asleep is not None and "kv_cache memory is asleep" in asleep, asleep
+    assert discarded is not None and "discarded its weights" in discarded, discarded
+    assert _samples(engine_checks["after_discard_and_push"]) == _samples(engine_checks["step0"])
