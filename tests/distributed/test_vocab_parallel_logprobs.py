@@ -108,7 +108,11 @@ def test_no_vocabulary_gather_only_two_small_all_reduces(world2, world4):
 
 
 def _tp1_loss(settings):
-    logits, batch = worker.make_loss_case(1)
+    return _one_call_loss(*worker.make_loss_case(1), settings)
+
+
+def _one_call_loss(logits, batch, settings):
+    """The whole batch in one loss_func call: (loss_sum, num_tokens, logit gradient, metrics)."""
     counts = None
     if settings.normalization == "per_sign":
         counts = count_sign_tokens(batch["rewards"], batch["loss_mask"], algorithm=settings.algorithm)
@@ -158,19 +162,6 @@ def test_data_parallel_times_tensor_parallel_equals_tp1_full_batch(world4):
 CP_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: FP32_TOL}
 
 
-def _cp1_loss(dtype, settings):
-    """The whole, unpadded sequences in one call (CP1)."""
-    logits, batch = worker.make_cp_case(dtype)
-    counts = None
-    if settings.normalization == "per_sign":
-        counts = count_sign_tokens(batch["rewards"], batch["loss_mask"], algorithm=settings.algorithm)
-    leaf = logits.clone().requires_grad_()
-    loss_sum, num_tokens, report = make_loss_func(batch, settings, vocab_size=worker.LOSS_VOCAB,
-                                                  sign_token_counts=counts)(leaf)
-    (loss_sum / num_tokens).backward()
-    return loss_sum.detach() / num_tokens, leaf.grad, reduce_loss_reports([report])
-
-
 def test_context_parallel_split_is_megatrons(world2):
     """Our split (computed without a group) equals megatron.core.utils.get_batch_on_this_cp_rank's
     over the real CP group, and the two ranks' positions cover the padded sequence once."""
@@ -188,7 +179,8 @@ def test_context_parallel_loss_and_logit_gradient_equal_cp1(world2):
     for dtype in worker.CP_DTYPES:
         name, tol = str(dtype).split(".")[-1], CP_TOL[dtype]
         for i, settings in enumerate(worker.CP_SETTINGS):
-            loss, grad, metrics = _cp1_loss(dtype, settings)
+            loss_sum, num_tokens, grad, metrics = _one_call_loss(*worker.make_cp_case(dtype), settings)  # CP1
+            loss = loss_sum / num_tokens
             key = f"{name}/s{i}"
             full_grad = torch.zeros(grad.shape[0], 8, grad.shape[2], dtype=grad.dtype)
             for res in world2:
