@@ -163,8 +163,10 @@ CP_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: FP32_TOL}
 
 
 def test_context_parallel_split_is_megatrons(world2):
-    """Our split (computed without a group) equals megatron.core.utils.get_batch_on_this_cp_rank's
-    over the real CP group, and the two ranks' positions cover the padded sequence once."""
+    """`init_model_parallel` gives Megatron's CP2 groups; our split (computed without a group)
+    equals megatron.core.utils.get_batch_on_this_cp_rank's over that CP group, and the two ranks'
+    positions cover the padded sequence once."""
+    assert [res["cp/sizes"] for res in world2] == [(2, 1, 2)] * 2  # CP, DP, DP x CP
     for dtype in worker.CP_DTYPES:
         name = str(dtype).split(".")[-1]
         assert all(res[f"cp/same_split_as_megatron/{name}"] for res in world2)

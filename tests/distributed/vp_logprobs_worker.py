@@ -270,6 +270,19 @@ def _run_context_parallel(results: dict, rank: int, group: Any) -> None:
                 results[f"cp/loss_without_cp_reduction/{key}"] = _cp_total(alone, group) / tokens
 
 
+def _megatron_cp_group(results: dict) -> Any:
+    """Megatron's groups as `init_model_parallel` makes them for CP2 on 2 processes: one CP group of
+    both ranks, DP 1, and the data-parallel-with-CP group (DDP's gradient and token reduction) of 2."""
+    from megatron.core import parallel_state as ps
+
+    from rift_megatron.parallel import init_model_parallel
+
+    init_model_parallel(CP_LAYOUT, seed=None)
+    results["cp/sizes"] = (ps.get_context_parallel_world_size(), ps.get_data_parallel_world_size(),
+                           ps.get_data_parallel_world_size(with_context_parallel=True))
+    return ps.get_context_parallel_group()
+
+
 def _cp_total(value: torch.Tensor, group: Any) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total, group=group)
@@ -296,7 +309,7 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         if world_size == 4:
             _run_dp_tp(results, rank, groups)
         else:
-            _run_context_parallel(results, rank, groups["world"])
+            _run_context_parallel(results, rank, _megatron_cp_group(results))
         results["spy_total"] = dict(spy.total)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
