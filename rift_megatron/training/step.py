@@ -1,4 +1,4 @@
-"""One optimizer step of the RIFT family on Megatron-Core (any TP / PP / VPP / DP layout).
+"""One optimizer step of the RIFT family on Megatron-Core (any TP / PP / VPP / CP / DP layout).
 
 The shape is Megatron-LM's `train_step`: zero the grad buffers, run `forward_backward_func` over
 the micro-batches with our `forward_step(data_iterator, model)`, step the optimizer and the LR
@@ -18,8 +18,8 @@ import torch.distributed as dist
 from rift_megatron.loss import LossSettings, count_sign_tokens, make_loss_func, reduce_loss_reports
 from rift_megatron.parallel import all_reduce_sum
 from rift_megatron.platform import current_platform
-from rift_megatron.training.context_parallel import context_parallel_share
 from rift_megatron.training.batch import TrainBatch, pad_sequences, split_micro_batches, validate_batch
+from rift_megatron.training.context_parallel import context_parallel_share
 from rift_megatron.training.packing import packed_micro_batches, sample_lengths
 from rift_megatron.training.setup import TrainState
 

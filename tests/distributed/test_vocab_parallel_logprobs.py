@@ -1,5 +1,6 @@
 """Vocab-parallel log-probs and the RIFT loss_func over real gloo process groups (docs/objective.md
-properties 4 and 5): TP2 (world 2), TP4 and DP2 x TP2 (world 4) against the TP1 computation.
+properties 4 and 5): TP2 (world 2), TP4 and DP2 x TP2 (world 4) against the TP1 computation, and
+the loss at context parallelism 2 (world 2) against CP1: fp64 to 1e-10, fp32 to 1e-6.
 
 Two launches in total (world 2 and world 4, module-scoped fixtures); workers save their results
 to files and every assertion runs here. Tolerances: fp32 log-probs, losses and gradients
@@ -107,7 +108,11 @@ def test_no_vocabulary_gather_only_two_small_all_reduces(world2, world4):
 
 
 def _tp1_loss(settings):
-    logits, batch = worker.make_loss_case(1)
+    return _one_call_loss(*worker.make_loss_case(1), settings)
+
+
+def _one_call_loss(logits, batch, settings):
+    """The whole batch in one loss_func call: (loss_sum, num_tokens, logit gradient, metrics)."""
     counts = None
     if settings.normalization == "per_sign":
         counts = count_sign_tokens(batch["rewards"], batch["loss_mask"], algorithm=settings.algorithm)
@@ -152,3 +157,45 @@ def test_data_parallel_times_tensor_parallel_equals_tp1_full_batch(world4):
             torch.testing.assert_close(grad[..., real], expected, **FP32_TOL)
             for name, value in metrics1.items():
                 assert res[f"metrics/{key}"][name] == pytest.approx(value, rel=1e-6, abs=1e-6), (key, name)
+
+
+CP_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: FP32_TOL}
+
+
+def test_context_parallel_split_is_megatrons(world2):
+    """`init_model_parallel` gives Megatron's CP2 groups; our split (computed without a group)
+    equals megatron.core.utils.get_batch_on_this_cp_rank's over that CP group, and the two ranks'
+    positions cover the padded sequence once."""
+    assert [res["cp/sizes"] for res in world2] == [(2, 1, 2)] * 2  # CP, DP, DP x CP
+    for dtype in worker.CP_DTYPES:
+        name = str(dtype).split(".")[-1]
+        assert all(res[f"cp/same_split_as_megatron/{name}"] for res in world2)
+        assert sorted(torch.cat([res[f"cp/positions/{name}"] for res in world2]).tolist()) == list(range(8))
+
+
+def test_context_parallel_loss_and_logit_gradient_equal_cp1(world2):
+    """Token and sequence granularity x global and per_sign: the loss, its gradient w.r.t. the
+    logits (the ranks' slices put back by position) and the step metrics equal CP1; the padding's
+    garbage logits get zero gradient; and without the CP reduction the sequence loss is wrong (the
+    check can fail)."""
+    for dtype in worker.CP_DTYPES:
+        name, tol = str(dtype).split(".")[-1], CP_TOL[dtype]
+        for i, settings in enumerate(worker.CP_SETTINGS):
+            loss_sum, num_tokens, grad, metrics = _one_call_loss(*worker.make_cp_case(dtype), settings)  # CP1
+            loss = loss_sum / num_tokens
+            key = f"{name}/s{i}"
+            full_grad = torch.zeros(grad.shape[0], 8, grad.shape[2], dtype=grad.dtype)
+            for res in world2:
+                torch.testing.assert_close(res[f"cp/loss/{key}"], loss, **tol)
+                assert res[f"cp/grad/{key}"].dtype == dtype
+                full_grad[:, res[f"cp/positions/{name}"]] = res[f"cp/grad/{key}"]
+                got = res[f"cp/metrics/{key}"]
+                assert got.keys() == metrics.keys()
+                for metric, value in metrics.items():
+                    assert got[metric] == pytest.approx(value, rel=tol["rtol"], abs=tol["atol"]), (key, metric)
+            assert float(grad.abs().sum()) > 0
+            torch.testing.assert_close(full_grad[:, :6], grad, **tol)
+            assert not full_grad[:, 6:].any()
+            if settings.granularity == "sequence":
+                wrong = world2[0][f"cp/loss_without_cp_reduction/{key}"]
+                assert abs(float(wrong - loss)) > 1e-4, (key, float(wrong), float(loss))  # >> the tolerances

@@ -5,7 +5,7 @@ builds for the TP1 reference), runs ``vocab_parallel_logprobs`` / the Megatron `
 a real tensor-parallel group, and saves its outputs and gradient slices to ``rank{r}.pt``; the
 assertions happen in the pytest process. Every ``torch.distributed`` collective is wrapped by a
 counting spy (it calls the real collective: instrumentation, not a mock) to prove the vocabulary
-is never gathered.
+is never gathered. World 2 also runs the loss_func at context parallelism 2 (CP group = world).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from rift_megatron.loss import (
     reduce_loss_reports,
     vocab_parallel_logprobs,
 )
+from rift_megatron.parallel import ParallelLayout
+from rift_megatron.training.batch import pad_sequences
+from rift_megatron.training.context_parallel import context_parallel_positions, context_parallel_share
 
 BATCH, STEPS = 4, 5
 VOCAB_SIZES = (11, 9)  # neither divisible by 2 or 4; at TP4, 9 leaves rank 3 with padding only
@@ -37,6 +40,15 @@ LOSS_SETTINGS = (
     LossSettings(ratio_cap=1.5, granularity="sequence", normalization="per_sign"),
     LossSettings(algorithm="naive", ratio_cap=1.2),
 )
+# Context parallelism at CP2 (world 2): token / sequence granularity x global / per_sign normalisation.
+CP_SETTINGS = (
+    LossSettings(),
+    LossSettings(normalization="per_sign"),
+    LossSettings(granularity="sequence"),
+    LossSettings(ratio_cap=1.5, granularity="sequence", normalization="per_sign"),
+)
+CP_LAYOUT = ParallelLayout(context=2)
+CP_DTYPES = (torch.float64, torch.float32)
 PADDING_VALUE = 1e4  # huge: any leak of the padding into the softmax would be obvious
 GATHER_LIKE = (
     "all_gather", "all_gather_into_tensor", "_all_gather_base", "all_gather_object", "all_gather_coalesced",
@@ -79,6 +91,34 @@ def make_loss_case(tp: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     )
     pad = torch.full((BATCH, STEPS, padded_vocab(LOSS_VOCAB, tp) - LOSS_VOCAB), PADDING_VALUE)
     return torch.cat([real, pad], dim=-1), batch
+
+
+def make_cp_case(dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits [B, 6, V] and a training batch whose response tokens (positions 1..5) fall into both CP2 ranks'
+    chunks once padded to 8 positions (rank 0: 0, 1, 6, 7; rank 1: 2..5), so a sequence's ratio
+    needs both ranks. Sample 3 has a single response token, which lies on rank 0."""
+    g = torch.Generator().manual_seed(11)
+    steps = 6
+    logits = (2.0 * torch.randn(BATCH, steps, LOSS_VOCAB, generator=g, dtype=torch.float64)).to(dtype)
+    targets = torch.randint(0, LOSS_VOCAB, (BATCH, steps), generator=g)
+    behavior = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None]).squeeze(-1)
+    behavior = (behavior + 1.5 * torch.randn(BATCH, steps, generator=g, dtype=torch.float64)).to(dtype)
+    mask = torch.ones(BATCH, steps, dtype=torch.long)
+    mask[:, 0] = 0
+    mask[1, -1] = 0
+    mask[3, 2:] = 0
+    batch = dict(tokens=torch.roll(targets, 1, dims=1), position_ids=torch.arange(steps).expand(BATCH, steps),
+                 targets=targets, loss_mask=mask, rewards=torch.tensor([1.0, -0.2, -1.0, -0.5]),
+                 behavior_logprobs=behavior)
+    return logits, batch
+
+
+def pad_cp_case(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The case padded as the trainer pads it for CP2; padded logits are garbage (PADDING_VALUE)."""
+    padded = pad_sequences(batch, CP_LAYOUT.sequence_multiple)
+    extra = padded["targets"].shape[1] - logits.shape[1]
+    garbage = torch.full((BATCH, extra, logits.shape[2]), PADDING_VALUE, dtype=logits.dtype)
+    return torch.cat([logits, garbage], dim=1), padded
 
 
 class CollectiveSpy:
@@ -195,6 +235,60 @@ def _run_dp_tp(results: dict, rank: int, groups: dict[str, Any]) -> None:
         results[f"metrics/{key}"] = reduce_loss_reports(reports, group=groups["dp"])
 
 
+def _run_context_parallel(results: dict, rank: int, group: Any) -> None:
+    """CP2: each rank takes its load-balanced share of the padded sequences (and of the same full
+    logits), runs the loss_func with the CP group, and divides by the token count all-reduced over
+    the group, as finalize_model_grads does over data parallel x CP. Megatron's own split of the
+    same batch is compared with ours."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    for dtype in CP_DTYPES:
+        logits, batch = pad_cp_case(*make_cp_case(dtype))
+        positions = context_parallel_positions(logits.shape[1], CP_LAYOUT.context, rank)
+        share = context_parallel_share(batch, CP_LAYOUT.context, rank)
+        per_token = {k: v.clone() for k, v in batch.items() if k != "rewards"}
+        megatron_share = get_batch_on_this_cp_rank(per_token, cp_group=group)
+        name = str(dtype).split(".")[-1]
+        results[f"cp/same_split_as_megatron/{name}"] = all(torch.equal(megatron_share[k], share[k]) for k in per_token)
+        results[f"cp/positions/{name}"] = positions
+        for i, settings in enumerate(CP_SETTINGS):
+            counts = None
+            if settings.normalization == "per_sign":  # on whole sequences, before the split (train_step)
+                counts = count_sign_tokens(batch["rewards"], batch["loss_mask"], algorithm=settings.algorithm)
+            local = logits[:, positions].clone().requires_grad_()
+            loss_func = make_loss_func(share, settings, vocab_size=LOSS_VOCAB, sign_token_counts=counts, cp_group=group)
+            loss_sum, num_tokens, report = loss_func(local)
+            tokens = num_tokens.clone()
+            dist.all_reduce(tokens, group=group)
+            (loss_sum / tokens).backward()
+            key = f"{name}/s{i}"
+            results[f"cp/loss/{key}"] = _cp_total(loss_sum, group) / tokens
+            results[f"cp/grad/{key}"] = local.grad
+            results[f"cp/metrics/{key}"] = reduce_loss_reports([report], group=group)
+            if settings.granularity == "sequence":  # the same without the CP reduction: a wrong loss
+                alone, _, _ = make_loss_func(share, settings, vocab_size=LOSS_VOCAB, sign_token_counts=counts)(local)
+                results[f"cp/loss_without_cp_reduction/{key}"] = _cp_total(alone, group) / tokens
+
+
+def _megatron_cp_group(results: dict) -> Any:
+    """Megatron's groups as `init_model_parallel` makes them for CP2 on 2 processes: one CP group of
+    both ranks, DP 1, and the data-parallel-with-CP group (DDP's gradient and token reduction) of 2."""
+    from megatron.core import parallel_state as ps
+
+    from rift_megatron.parallel import init_model_parallel
+
+    init_model_parallel(CP_LAYOUT, seed=None)
+    results["cp/sizes"] = (ps.get_context_parallel_world_size(), ps.get_data_parallel_world_size(),
+                           ps.get_data_parallel_world_size(with_context_parallel=True))
+    return ps.get_context_parallel_group()
+
+
+def _cp_total(value: torch.Tensor, group: Any) -> torch.Tensor:
+    total = value.detach().clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
 def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """Entry point for torch.multiprocessing.spawn."""
     torch.set_num_threads(1)
@@ -214,6 +308,8 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         _run_loss_func(results, spy, configs)
         if world_size == 4:
             _run_dp_tp(results, rank, groups)
+        else:
+            _run_context_parallel(results, rank, _megatron_cp_group(results))
         results["spy_total"] = dict(spy.total)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -372,7 +372,9 @@ def test_context_parallelism_counts_in_the_world_and_is_refused_without_transfor
                "refuses context_parallel_size > 1")
     assert world_error(cp2, 2) == [refusal]
     lines = world_error(cp2, 3)
-    assert lines[0] == "parallel.tensor (1) x parallel.pipeline (1) x parallel.context (2) = 2 does not divide the world size 3"
+    assert lines[0] == (
+        "parallel.tensor (1) x parallel.pipeline (1) x parallel.context (2) = 2 does not divide the world size 3"
+    )
     assert lines[-1] == refusal
     assert error_of(None, ["parallel.context=0"]).startswith("config key 'parallel.context'")
 
@@ -480,7 +482,9 @@ def test_eval_and_resume_paths_must_exist(ready, tmp_path):
 
 def test_every_problem_is_reported_on_its_own_line():
     lines = world_error(load_config(None, ["parallel.tensor=4"]), 6)
-    assert lines[0] == "parallel.tensor (4) x parallel.pipeline (1) = 4 does not divide the world size 6"
+    assert lines[0] == (
+        "parallel.tensor (4) x parallel.pipeline (1) x parallel.context (1) = 4 does not divide the world size 6"
+    )
     assert "model.hf_dir and model.mcore_ckpt are both null" in lines[-2] and "data.prompts is not set" in lines[-1]
 
 

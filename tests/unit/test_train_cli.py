@@ -25,6 +25,7 @@ def _rift_train(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["algorithm.name=grpo"], "must be one of 'rift', 'rft', 'sft', 'naive'"),
         (["model.hf_dir=/nonexistent/model"], "model.hf_dir '/nonexistent/model' does not exist"),
         (["model.hf_dir=.", "parallel.tensor=2"], "does not divide the world size 1"),
+        (["model.hf_dir=.", "parallel.context=2"], "parallel.context is 2 but context parallelism needs Transformer"),
         (["--resume", "/nonexistent/ckpt"], "checkpoint.resume '/nonexistent/ckpt' does not exist"),
     ],
 )
