@@ -20,7 +20,7 @@ caller's logits are left alone (they may be reused). With ``inplace=True`` the b
 caller's logits when they are already float32/float64, as in Megatron's cross entropy: that is
 the training loss's case, where the model output is a fresh fp32 tensor (``Float16Module``'s
 upcast of the bf16 logits, or the fp32 output layer's result) that nothing else reads, and a copy
-would be a second logits-sized fp32 buffer (8 GB at vocabulary 128k x 8k tokens).
+would be a second logits-sized fp32 buffer (4.2 GB at vocabulary 128256 x 8192 tokens).
 """
 
 from __future__ import annotations

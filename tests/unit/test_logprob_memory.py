@@ -10,7 +10,9 @@ model output's own fp32 buffer (Float16Module's upcast) instead of a copy. Check
   (`bench/loss_bench.py`'s `allocation_trace`, the benchmark's memory measurement) counts the
   logits-sized allocations and the peak; the copying path is measured the same way as a control
   that must show the extra buffer, so the measurement cannot pass by seeing nothing;
-* `inplace=True` refuses a parameter (a leaf that requires grad) or a view of one.
+* `inplace=True` refuses a parameter (a leaf that requires grad) or a view of one;
+* real bf16 `train_step`s (Float16Module's upcast reaching the loss) give the same metrics with the
+  in-place loss as with the copying one.
 """
 
 from __future__ import annotations
@@ -163,3 +165,46 @@ def test_inplace_refuses_parameters_and_views_of_them():
     before = param.detach().clone()
     vocab_parallel_logprobs(param, targets)  # the default never modifies its input
     assert torch.equal(param.detach(), before)
+
+
+def test_bf16_train_step_consuming_logits_equals_copying_path(monkeypatch):
+    """Three real bf16 `train_step`s (Float16Module, TP1, one gloo process) with the trainer's
+    in-place loss and with the copying one forced: every metric identical, grad norm included."""
+    import rift_megatron.training.step as step_module
+    from rift_megatron.models import parse_hf_config
+    from rift_megatron.models.presets import tiny_hf_config
+    from rift_megatron.models.provider import PrecisionConfig
+    from rift_megatron.parallel import ParallelLayout, destroy_model_parallel, init_distributed, init_model_parallel
+    from rift_megatron.training.setup import OptimConfig, setup_training
+    from tests.synthetic_batch import mixed_reward_batch
+
+    inputs = []
+
+    def run(consume: bool | None) -> list[dict[str, float]]:
+        def loss_func_factory(*args, **kwargs):
+            assert kwargs["consume_logits"] is True  # what train_step asks for
+            if consume is not None:
+                kwargs["consume_logits"] = consume
+            loss_func = make_loss_func(*args, **kwargs)
+
+            def recorded(output):
+                inputs.append((output.dtype, output.grad_fn.name()))
+                return loss_func(output)
+
+            return recorded
+
+        monkeypatch.setattr(step_module, "make_loss_func", loss_func_factory)
+        init_distributed()
+        init_model_parallel(ParallelLayout(), seed=0)
+        try:
+            arch = parse_hf_config(tiny_hf_config(), source="built-in tiny Llama config")
+            state = setup_training(arch, ParallelLayout(), OptimConfig(lr=1e-3), PrecisionConfig("bf16"), total_steps=3)
+            batch = mixed_reward_batch(seed=0, vocab_size=arch.vocab_size)
+            return [step_module.train_step(state, batch, LossSettings(), micro_batch_size=2) for _ in range(3)]
+        finally:
+            destroy_model_parallel()
+
+    copying, consuming = run(False), run(None)
+    assert set(inputs) == {(torch.float32, "ToCopyBackward0")}  # Float16Module's upcast reached the loss
+    assert consuming == copying
+    assert consuming[0]["grad_norm"] > 0 and consuming[-1]["loss"] < consuming[0]["loss"]
