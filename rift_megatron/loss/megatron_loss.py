@@ -101,6 +101,7 @@ def make_loss_func(
     tp_group: Any = None,
     sign_token_counts: Sequence[int | Tensor] | None = None,
     cp_group: Any = None,
+    consume_logits: bool = False,
 ) -> LossFunc:
     """Bind one micro-batch to a Megatron ``loss_func(logits) -> (loss_sum, num_tokens, report)``.
 
@@ -115,6 +116,11 @@ def make_loss_func(
             the logits are then this rank's share of the positions; the per-sequence sums of
             ``granularity='sequence'`` are all-reduced over the group. The returned sums stay
             this rank's: the schedule sums them over the data-parallel-with-CP group.
+        consume_logits: ``loss_func`` may overwrite the logits it is given (``vocab_parallel_logprobs``
+            with ``inplace=True``). Right when the caller drops them afterwards, as Megatron's
+            schedule does with the model output (its own ``vocab_parallel_cross_entropy`` works in
+            place on it too): fp32 logits, e.g. ``Float16Module``'s upcast, then need no second
+            logits-sized fp32 buffer.
 
     The returned ``loss_sum`` is NOT divided by anything: run the schedule with
     ``calculate_per_token_loss=True``. ``report`` holds per-micro-batch sums for
@@ -137,7 +143,9 @@ def make_loss_func(
                 f"loss_func expects logits [batch, seq, vocab_local] with [batch, seq]={list(targets.shape)}, "
                 f"got {list(output_tensor.shape)} (was the model called with labels?)"
             )
-        logprobs = vocab_parallel_logprobs(output_tensor, targets, vocab_size=vocab_size, tp_group=tp_group)
+        logprobs = vocab_parallel_logprobs(
+            output_tensor, targets, vocab_size=vocab_size, tp_group=tp_group, inplace=consume_logits
+        )
         terms = rift_loss_terms(
             logprobs,
             batch["behavior_logprobs"],

@@ -81,8 +81,10 @@ def sequence_logprobs(model: list, tokens: torch.Tensor, vocab_size: int) -> tor
     result = forward_only(
         model,
         tokens,
-        lambda logits: {
-            "logprobs": vocab_parallel_logprobs(logits[:, :-1], tokens[:, 1:], vocab_size=vocab_size, tp_group=tp_group)
+        lambda logits: {  # nothing else reads these logits: work in their buffer, no fp32 copy
+            "logprobs": vocab_parallel_logprobs(
+                logits[:, :-1], tokens[:, 1:], vocab_size=vocab_size, tp_group=tp_group, inplace=True
+            )
         },
     )
     logprobs = (result["logprobs"] if result is not None

@@ -138,9 +138,11 @@ def train_step(
     def forward_step(data_iterator, model):
         micro_batch = next(data_iterator)
         output = model(micro_batch["tokens"], micro_batch["position_ids"], None)
+        # The schedule hands `output` to loss_func and drops it: the loss may work in its buffer.
         loss_func = make_loss_func(
             micro_batch, settings, vocab_size=vocab_size, tp_group=tp_group, sign_token_counts=sign_counts,
             cp_group=cp_group,
+            consume_logits=True,
         )
         return output, loss_func
 

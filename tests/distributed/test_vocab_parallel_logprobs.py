@@ -82,6 +82,7 @@ def test_tensor_parallel_logprobs_and_grad_slices_equal_tp1(world2, world4):
                     assert grad.dtype == dtype
                     torch.testing.assert_close(grad.float(), _slice(grad1, tp, tp_rank).float(), **grad_tol)
                     assert res[f"input_unchanged/{key}"]
+                    assert res[f"inplace_identical/{key}"]  # values and gradient slice, bit for bit
                     checked += 1
     assert checked == (2 + 4 + 2 + 2) * len(worker.VOCAB_SIZES) * len(worker.DTYPES)
 

@@ -1,11 +1,12 @@
 """One gloo process of tests/distributed/test_vocab_parallel_logprobs.py.
 
 Each rank takes its vocabulary slice of deterministic logits (the same ones the pytest process
-builds for the TP1 reference), runs ``vocab_parallel_logprobs`` / the Megatron ``loss_func`` over
-a real tensor-parallel group, and saves its outputs and gradient slices to ``rank{r}.pt``; the
-assertions happen in the pytest process. Every ``torch.distributed`` collective is wrapped by a
-counting spy (it calls the real collective: instrumentation, not a mock) to prove the vocabulary
-is never gathered. World 2 also runs the loss_func at context parallelism 2 (CP group = world).
+builds for the TP1 reference), runs ``vocab_parallel_logprobs`` (copying, and in place on an fp32
+upcast as the trainer does) / the Megatron ``loss_func`` over a real tensor-parallel group, and
+saves its outputs and gradient slices to ``rank{r}.pt``; the assertions happen in the pytest
+process. Every ``torch.distributed`` collective is wrapped by a counting spy (it calls the real
+collective: instrumentation, not a mock) to prove the vocabulary is never gathered. World 2 also
+runs the loss_func at context parallelism 2 (CP group = world).
 """
 
 from __future__ import annotations
@@ -177,6 +178,15 @@ def _run_logprobs(results: dict, spy: CollectiveSpy, configs: list[tuple[int, An
                 results[f"grad/{key}"] = local.grad
                 results[f"input_unchanged/{key}"] = bool(torch.equal(local.detach(), before))
                 results[f"spy/{key}"] = spy.take()
+                # the trainer's path: a fresh fp32 model output consumed in place (for bf16, the
+                # `.float()` that Float16Module's float16_to_fp32 applies; not imported: 2.5 s a worker)
+                leaf = before.clone().requires_grad_()
+                lp_inplace = vocab_parallel_logprobs(leaf.float() if dtype == torch.bfloat16 else leaf * 1,
+                                                     targets, vocab_size=vocab, tp_group=group, inplace=True)
+                lp_inplace.backward(grad_out)
+                results[f"inplace_identical/{key}"] = bool(
+                    torch.equal(lp_inplace, lp.detach()) and torch.equal(leaf.grad, local.grad))
+                results[f"spy/inplace/{key}"] = spy.take()
 
 
 def _run_loss_func(results: dict, spy: CollectiveSpy, configs: list[tuple[int, Any, int]]) -> None:
