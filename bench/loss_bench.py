@@ -104,9 +104,10 @@ def allocation_trace(fn: Callable[[], Any]) -> AllocationTrace:
 
 
 @contextmanager
-def megatron_world() -> Iterator[Any]:
+def megatron_world(seed: int | None = None) -> Iterator[Any]:
     """A one-process gloo world with Megatron's groups (its cross entropy reads the TP group);
-    torn down afterwards unless the caller had one already. Yields the tensor-parallel group."""
+    torn down afterwards unless the caller had one already. Yields the tensor-parallel group.
+    `seed`: also seed Megatron's RNG tracker (needed to build and run a model)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -115,7 +116,7 @@ def megatron_world() -> Iterator[Any]:
     owned = not dist.is_initialized()
     if owned:
         init_distributed(cpu_only=True)
-        init_model_parallel(ParallelLayout(), seed=None)
+        init_model_parallel(ParallelLayout(), seed=seed)
     try:
         yield ps.get_tensor_model_parallel_group()
     finally:
