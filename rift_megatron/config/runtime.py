@@ -17,11 +17,13 @@ if TYPE_CHECKING:
     from rift_megatron.parallel import ParallelLayout
     from rift_megatron.rollout.engine import EngineConfig, SamplingConfig
     from rift_megatron.rollout.rewards import RewardSpec
+    from rift_megatron.training.checkpoint_writer import CheckpointWriter
     from rift_megatron.training.setup import OptimConfig
 
 __all__ = [
     "model_folder",
     "sync_check_tolerance",
+    "to_checkpoint_writer",
     "to_engine_config",
     "to_eval_sampling_config",
     "to_loss_settings",
@@ -71,6 +73,18 @@ def to_optim_config(cfg: RiftConfig) -> OptimConfig:
         lr_decay_style=o.lr_decay_style,
         use_distributed_optimizer=o.use_distributed_optimizer,
     )
+
+
+def to_checkpoint_writer(cfg: RiftConfig) -> CheckpointWriter:
+    """How training checkpoints are written: `checkpoint.async_save` (auto: on with CUDA, where the
+    GPUs would otherwise idle through the write) and `checkpoint.fully_parallel_save`."""
+    from rift_megatron.platform import current_platform
+    from rift_megatron.training.checkpoint_writer import CheckpointWriter
+
+    asynchronous = cfg.checkpoint.async_save
+    if asynchronous == "auto":
+        asynchronous = current_platform().is_cuda
+    return CheckpointWriter(asynchronous=asynchronous, fully_parallel=cfg.checkpoint.fully_parallel_save)
 
 
 def to_precision_config(cfg: RiftConfig) -> PrecisionConfig:
