@@ -150,11 +150,12 @@ def model_folder(cfg: RiftConfig) -> str:
     return str(checkpoint_hf_assets(cfg.model.mcore_ckpt))
 
 
-def to_engine_config(cfg: RiftConfig, max_model_len: int | None = None) -> EngineConfig:
+def to_engine_config(cfg: RiftConfig, max_model_len: int | None = None, resuming: bool = False) -> EngineConfig:
     """The vLLM engine for :func:`model_folder`. Context length: ``rollout.max_model_len`` if set,
     else ``max_model_len`` (the trainer passes longest prompt + max_tokens). Started from a
-    checkpoint's hf_assets (no weights there), the engine is built with dummy weights: the trainer
-    pushes its own before the first rollout, and checks them."""
+    checkpoint's hf_assets (no weights there), or `resuming` a run (hf_dir's weights would be
+    read only to be replaced), the engine is built with dummy weights: the trainer pushes its own
+    before the first rollout, and checks them."""
     from rift_megatron.rollout.engine import EngineConfig
 
     r = cfg.rollout
@@ -163,7 +164,7 @@ def to_engine_config(cfg: RiftConfig, max_model_len: int | None = None) -> Engin
         raise ConfigError("rollout.max_model_len is null and no context length was given to to_engine_config")
     return EngineConfig(
         model=model_folder(cfg),
-        load_format="auto" if cfg.model.hf_dir is not None else "dummy",
+        load_format="auto" if cfg.model.hf_dir is not None and not resuming else "dummy",
         dtype=engine_dtype(cfg),
         max_model_len=length,
         tensor_parallel_size=r.engine_tensor_parallel,

@@ -128,6 +128,7 @@ class Trainer:
         self.rollout_step = 0
         self.nonfinite_in_a_row = 0
         self._sampler_state = None
+        self.resumed = resume_from is not None
         if resume_from is not None:
             payload = load_training_checkpoint(resume_from, self.state, fully_parallel=cfg.checkpoint.fully_parallel_load)
             self.rollout_step, self._sampler_state = payload["rollout_step"], payload["sampler"]
@@ -198,7 +199,7 @@ class Trainer:
             # Each prompt fits with its own response length (checked); the longest pair may not.
             positions = model_positions(self.model_folder)
             length = min(longest_prompt + longest_response, positions[0] if positions else math.inf)
-            self.engine = RolloutEngine(to_engine_config(cfg, max_model_len=int(length)))
+            self.engine = RolloutEngine(to_engine_config(cfg, max_model_len=int(length), resuming=self.resumed))
             self.pool = VerifierPool(to_reward_spec(cfg))
 
     # ---- pieces of an iteration -------------------------------------------------------------
@@ -345,7 +346,7 @@ class Trainer:
         cfg, history = self.cfg, []
         pending: dict = {}
         if self.engine is not None:
-            # the engine starts from hf_dir's weights (or none at all); a resumed trainer differs
+            # the engine starts from hf_dir's weights (or none at all: mcore_ckpt alone, or a resume)
             pending.update(self._sync())
             if cfg.data.mode == "offline" and self.sync_tolerance is not None:
                 pending.update(self._probe_check())

@@ -16,7 +16,6 @@ Everything measured goes to `result.json` (rank 0) for the test to judge.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -24,13 +23,13 @@ import torch
 import torch.distributed as dist
 
 from rift_megatron.loss import LossSettings
-from rift_megatron.parallel import ParallelLayout, destroy_model_parallel, init_distributed, init_model_parallel
+from rift_megatron.parallel import ParallelLayout, destroy_model_parallel, init_model_parallel
 from rift_megatron.training.batch import shard_for_data_parallel
 from rift_megatron.training.checkpoint import load_model_checkpoint, load_training_checkpoint, save_training_checkpoint
 from rift_megatron.training.checkpoint_writer import CheckpointWriter
 from rift_megatron.training.setup import OptimConfig, setup_training
 from rift_megatron.training.step import train_step
-from tests.distributed.parallel_worker import LR, architecture, write_initial_weights
+from tests.distributed.parallel_worker import LR, architecture, start_worker, write_initial_weights
 from tests.synthetic_batch import mixed_reward_batch
 
 STEPS = 3
@@ -144,11 +143,7 @@ def resume_pp2(spec: dict, work: Path, result: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--spec", required=True)
-    spec = json.loads(Path(parser.parse_args().spec).read_text())
-    work = Path(spec["work_dir"])
-    init_distributed()
+    spec, work = start_worker()
     write_initial_weights(spec, work)
     result: dict = {}
     for phase in (reference, resume_tp1dp2, resume_pp2):
