@@ -15,6 +15,10 @@ built here (nothing is downloaded):
    cpu_noise_reference  the CPU run repeated in micro-batches of 2 instead of 4 (the same
                       function, other GEMM shapes and summation order): how far fp32 round-off
                       alone moves these numbers over the steps, measured next to the tolerance.
+   async_checkpoint_resume  the GPU parity run writes checkpoints at steps 2 and 4 in the background
+                      (`checkpoint.async_save=true`) while it trains; every one must become a
+                      complete checkpoint (the last one `latest`), and a GPU run resumed from step 2
+                      must log the same steps 3.. within PARITY_RTOL.
 3. convert_round_trip `rift convert hf-to-mcore` then `mcore-to-hf`: every tensor bit-identical,
    convert_no_gpu_memory  and, with CUDA, no process of either conversion ever holds GPU memory.
 4. kernel_options     (CUDA) the platform's kernel / overlap option table applied to the parity
@@ -52,8 +56,8 @@ if _HERE not in sys.path:
 # What main() runs, and (listed in __all__) the pieces the verdicts rest on, which
 # tests/unit/test_gpu_check.py reaches through this module.
 from gpu_check_parts.checks import (  # noqa: E402
-    BudgetSpent, Context, check_convert, check_gpu_train, check_kernel_options, check_parity, check_trainer_offload,
-    failed_checks, guarded, skipped, train_command)
+    PARITY_CHECKS, BudgetSpent, Context, check_convert, check_gpu_train, check_kernel_options, check_parity,
+    check_trainer_offload, failed_checks, guarded, skipped, train_command)
 from gpu_check_parts.compare import (  # noqa: E402
     PARITY_RTOL, compare_hf_folders, compare_step_metrics, kernel_problems, offload_problems, step_throughput,
     training_problems)
@@ -138,8 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf, buffer, parity_hf, parity_buffer = (work / n for n in ("hf_model", "buffer", "parity_hf", "parity_buffer"))
         checks.update(guarded(("convert_round_trip", "convert_no_gpu_memory"), lambda: check_convert(ctx, hf), cuda))
         checks.update(guarded(("gpu_train",), lambda: check_gpu_train(ctx, hf, buffer), cuda))
-        checks.update(guarded(("parity_cpu_run", "cpu_noise_reference", "loss_parity"),
-                              lambda: check_parity(ctx, parity_hf, parity_buffer), cuda))
+        checks.update(guarded(PARITY_CHECKS, lambda: check_parity(ctx, parity_hf, parity_buffer), cuda))
         checks.update(guarded(("kernel_options",), lambda: check_kernel_options(ctx), cuda))
         checks.update(guarded(("trainer_offload",), lambda: check_trainer_offload(ctx, hf), cuda))
     report = build_report(env_info, notes, size, {name: checks[name] for name in CHECKS}, started, inputs)

@@ -52,12 +52,12 @@ def train_overrides(hf_dir: Path, buffer: Path, run_dir: Path, run: RunShape, dt
 
 
 def train_run(name: str, overrides: dict[str, Any], env: Mapping[str, str], ctx: Context, platform: str,
-              steps: int, timeout: float, reader: GpuReader | None = None) -> dict[str, Any]:
-    """One `rift train`; its metrics and whether they show `steps` real steps on `platform`."""
+              steps: int, timeout: float, reader: GpuReader | None = None, first_step: int = 1) -> dict[str, Any]:
+    """One `rift train`; its metrics and whether they show real steps `first_step`..`steps` on `platform`."""
     result = run_logged(train_command(overrides), env, ctx.work / f"{name}.log", ctx.timeout(timeout), reader)
     metrics = read_metrics(Path(overrides["logging.dir"]))
     problems = ([f"exit code {result['returncode']}"] if result["returncode"] else []) + (
-        training_problems(metrics, steps, platform) if result["returncode"] == 0 else [])
+        training_problems(metrics, steps, platform, first_step) if result["returncode"] == 0 else [])
     steps_kept = ("step", "loss", "grad_norm", "tokens", "train_seconds", "gpu_peak_allocated_gib", "gpu_used_gib",
                   "cpu_rss_gib")
     return {**result, "problems": problems,
@@ -160,21 +160,24 @@ def metric_max(metrics: Sequence[Mapping[str, Any]], key: str) -> float | None:
     return max((m[key] for m in metrics if key in m), default=None)
 
 
+PARITY_CHECKS = ("parity_cpu_run", "cpu_noise_reference", "loss_parity", "async_checkpoint_resume")
+
+
 def check_parity(ctx: Context, hf_dir: Path, buffer: Path) -> dict[str, dict[str, Any]]:
     """The parity model's fp32 steps on the CPU, on the CPU in smaller micro-batches, and on the
     GPU (TF32 off), all from one Megatron checkpoint converted on the CPU, so every run starts
-    from the same bits and reads the same samples in the same order."""
+    from the same bits and reads the same samples in the same order. The GPU run writes its
+    checkpoints in the background; a second GPU run resumes from its step-2 one."""
     mcore = ctx.work / "parity_mcore"
     conversion = run_logged(convert_command("hf-to-mcore", "--hf", hf_dir, mcore), cpu_env(ctx.env),
                             ctx.work / "parity_convert.log", ctx.timeout(300))
     if conversion["returncode"]:
-        return failed_checks(("parity_cpu_run", "cpu_noise_reference", "loss_parity"),
-                             "converting the parity model failed", conversion.get("log_tail", ""), ctx.cuda)
+        return failed_checks(PARITY_CHECKS, "converting the parity model failed", conversion.get("log_tail", ""), ctx.cuda)
 
-    def run(name: str, env: Mapping[str, str], platform: str, **extra: Any) -> dict[str, Any]:
+    def run(name: str, env: Mapping[str, str], platform: str, first_step: int = 1, **extra: Any) -> dict[str, Any]:
         overrides = train_overrides(hf_dir, buffer, ctx.work / name, PARITY_RUN, "fp32", 1e-3, ctx.local_layers,
-                                    **{"model.mcore_ckpt": mcore, "checkpoint.dir": ctx.work / f"{name}_ckpt"}, **extra)
-        return train_run(name, overrides, env, ctx, platform, PARITY_RUN.steps, 300)
+                                    **{"model.mcore_ckpt": mcore, "checkpoint.dir": ctx.work / f"{name}_ckpt", **extra})
+        return train_run(name, overrides, env, ctx, platform, PARITY_RUN.steps, 300, first_step=first_step)
 
     cpu = run("parity_cpu", cpu_env(ctx.env), "cpu")
     cpu["status"] = "fail" if cpu["problems"] else "pass"
@@ -184,12 +187,44 @@ def check_parity(ctx: Context, hf_dir: Path, buffer: Path) -> dict[str, dict[str
                  "problems": small["problems"] + (noise["problems"] if noise else ["a CPU run failed"])}
     if not ctx.cuda:
         return {"parity_cpu_run": cpu, "cpu_noise_reference": reference,
-                "loss_parity": skipped("no CUDA device: only the CPU side ran (parity_cpu_run)")}
-    gpu = run("parity_gpu", {**ctx.env, **NO_TF32}, "cuda")
+                "loss_parity": skipped("no CUDA device: only the CPU side ran (parity_cpu_run)"),
+                "async_checkpoint_resume": skipped("no CUDA device (the CPU proxy: tests/distributed/test_resume.py)")}
+    # Checkpoints after steps 2 and 4 written in the background while the run goes on (Megatron-Core's
+    # async save: D2H staging into pinned memory, a forked writer), then resumed from step 2 below.
+    gpu = run("parity_gpu", {**ctx.env, **NO_TF32}, "cuda", **ASYNC_CHECKPOINTS)
     compared = compare_step_metrics(cpu["metrics"], gpu["metrics"]) if not (cpu["problems"] or gpu["problems"]) else None
     parity = {"status": "pass" if compared and compared["passed"] else "fail", "gpu_run": gpu, "gpu_env": NO_TF32,
               "comparison": compared, "problems": gpu["problems"] + (compared["problems"] if compared else ["a run failed"])}
-    return {"parity_cpu_run": cpu, "cpu_noise_reference": reference, "loss_parity": parity}
+    resume = {"status": "fail", "problems": ["the GPU parity run failed: nothing to resume"]}
+    if not gpu["problems"]:
+        resumed = run("async_resume_gpu", {**ctx.env, **NO_TF32}, "cuda", first_step=3, **ASYNC_CHECKPOINTS,
+                      **{"checkpoint.resume": ctx.work / "parity_gpu_ckpt" / "iter_0000002"})
+        resume = async_resume_verdict(gpu, resumed, ctx.work / "parity_gpu_ckpt")
+    return {"parity_cpu_run": cpu, "cpu_noise_reference": reference, "loss_parity": parity,
+            "async_checkpoint_resume": resume}
+
+
+# checkpoint.* overrides of the GPU runs whose checkpoints are written in the background.
+ASYNC_CHECKPOINTS = {"checkpoint.async_save": True, "checkpoint.interval": 2, "checkpoint.keep_last": None}
+
+
+def async_resume_verdict(uninterrupted: dict[str, Any], resumed: dict[str, Any], checkpoints: Path) -> dict[str, Any]:
+    """The run resumed from the background-written step-2 checkpoint must log the uninterrupted
+    run's steps 3.. (same GPU, same bits in: within PARITY_RTOL; a lost Adam state moves them by
+    ~1e-2), and every background write must have become a complete checkpoint, the last `latest`."""
+    problems = list(resumed["problems"])
+    expected = [m for m in uninterrupted["metrics"] if m["step"] > 2]
+    compared = compare_step_metrics(expected, resumed["metrics"]) if resumed["returncode"] == 0 else None
+    problems += compared["problems"] if compared else []
+    saved = sorted(p.name for p in checkpoints.glob("iter_*") if (p / "metadata.json").is_file())
+    latest = (checkpoints / "latest").read_text().strip() if (checkpoints / "latest").is_file() else None
+    final = f"iter_{PARITY_RUN.steps:07d}"
+    if saved != ["iter_0000002", "iter_0000004", final] or latest != final:
+        problems.append(f"background checkpoints {saved}, latest {latest}: expected steps 2, 4 and {final}")
+    if list(checkpoints.glob(".*partial*")):
+        problems.append("a staging directory was left behind")
+    return {"status": "fail" if problems else "pass", "problems": problems, "run": resumed, "comparison": compared,
+            "checkpoints": saved, "latest": latest}
 
 
 def check_kernel_options(ctx: Context) -> dict[str, dict[str, Any]]:

@@ -69,8 +69,9 @@ def compare_step_metrics(reference: Sequence[Mapping[str, float]], candidate: Se
             "problems": problems}
 
 
-def training_problems(metrics: Sequence[Mapping[str, Any]], steps: int, platform: str) -> list[str]:
-    """Why a run's metrics.jsonl does not show `steps` real optimizer steps on `platform`.
+def training_problems(metrics: Sequence[Mapping[str, Any]], steps: int, platform: str, first: int = 1) -> list[str]:
+    """Why a run's metrics.jsonl does not show real optimizer steps `first`..`steps` on `platform`
+    (`first` > 1: a resumed run).
 
     Each step must be logged once, with a finite loss over real tokens, a finite non-zero
     gradient norm, not skipped, and with the memory key of the platform it should have run on
@@ -78,8 +79,8 @@ def training_problems(metrics: Sequence[Mapping[str, Any]], steps: int, platform
     back to the CPU fails here)."""
     problems = []
     logged = [m for m in metrics if "loss" in m]
-    if [int(m["step"]) for m in logged] != list(range(1, steps + 1)):
-        problems.append(f"logged steps {[m.get('step') for m in logged]}, expected 1..{steps}")
+    if [int(m["step"]) for m in logged] != list(range(first, steps + 1)):
+        problems.append(f"logged steps {[m.get('step') for m in logged]}, expected {first}..{steps}")
     memory_key = "gpu_peak_allocated_gib" if platform == "cuda" else "cpu_rss_gib"
     for m in logged:
         step = m.get("step")

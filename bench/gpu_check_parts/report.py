@@ -13,8 +13,8 @@ from typing import Any
 
 SCHEMA = "rift-gpu-check/1"
 CHECKS = ("convert_round_trip", "convert_no_gpu_memory", "gpu_train", "parity_cpu_run",
-          "cpu_noise_reference", "loss_parity", "kernel_options", "trainer_offload")
-GPU_ONLY = ("convert_no_gpu_memory", "gpu_train", "loss_parity", "kernel_options", "trainer_offload")
+          "cpu_noise_reference", "loss_parity", "async_checkpoint_resume", "kernel_options", "trainer_offload")
+GPU_ONLY = ("convert_no_gpu_memory", "gpu_train", "loss_parity", "async_checkpoint_resume", "kernel_options", "trainer_offload")
 STATUSES = ("pass", "fail", "skipped")
 GPU_FIELDS = ("device_name", "train_peak_allocated_gib", "train_peak_device_used_gib", "train_process_peak_gib",
               "train_tokens_per_s", "train_loss_tokens_per_s", "train_model_tflops", "convert_max_gpu_mib",

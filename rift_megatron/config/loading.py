@@ -232,13 +232,14 @@ def _coerce(value: Any, tp: Any, path: str, sources: Mapping[str, str]) -> Any:
     at = f"config key {path!r}{where(path, sources)}"
     if get_origin(tp) is Literal:
         choices = get_args(tp)
-        if isinstance(value, str) and value in choices:
+        if any(value == choice and type(value) is type(choice) for choice in choices):  # 1 is not True
             return value
         if value is None and optional:
             return None
-        close = difflib.get_close_matches(value, choices, n=1) if isinstance(value, str) else []
+        words = [c for c in choices if isinstance(c, str)]
+        close = difflib.get_close_matches(value, words, n=1) if isinstance(value, str) else []
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        allowed = ", ".join(repr(c) for c in choices) + (" or null" if optional else "")
+        allowed = ", ".join(repr(c) if isinstance(c, str) else str(c).lower() for c in choices) + (" or null" if optional else "")
         raise ConfigError(f"{at} must be one of {allowed}, got {_describe(value)}{hint}")
     if value is None and optional:
         return None

@@ -19,11 +19,13 @@ if TYPE_CHECKING:
     from rift_megatron.rollout.engine import EngineConfig, SamplingConfig
     from rift_megatron.rollout.rewards import RewardSpec
     from rift_megatron.training.offload import OffloadParts
+    from rift_megatron.training.checkpoint_writer import CheckpointWriter
     from rift_megatron.training.setup import OptimConfig
 
 __all__ = [
     "model_folder",
     "sync_check_tolerance",
+    "to_checkpoint_writer",
     "to_engine_config",
     "to_eval_sampling_config",
     "to_loss_settings",
@@ -92,6 +94,18 @@ def to_optim_config(cfg: RiftConfig) -> OptimConfig:
     )
 
 
+def to_checkpoint_writer(cfg: RiftConfig) -> CheckpointWriter:
+    """How training checkpoints are written: `checkpoint.async_save` (auto: on with CUDA, where the
+    GPUs would otherwise idle through the write) and `checkpoint.fully_parallel_save`."""
+    from rift_megatron.platform import current_platform
+    from rift_megatron.training.checkpoint_writer import CheckpointWriter
+
+    asynchronous = cfg.checkpoint.async_save
+    if asynchronous == "auto":
+        asynchronous = current_platform().is_cuda
+    return CheckpointWriter(asynchronous=asynchronous, fully_parallel=cfg.checkpoint.fully_parallel_save)
+
+
 def to_precision_config(cfg: RiftConfig) -> PrecisionConfig:
     from rift_megatron.models.provider import PrecisionConfig
 
@@ -155,11 +169,12 @@ def model_folder(cfg: RiftConfig) -> str:
     return str(checkpoint_hf_assets(cfg.model.mcore_ckpt))
 
 
-def to_engine_config(cfg: RiftConfig, max_model_len: int | None = None) -> EngineConfig:
+def to_engine_config(cfg: RiftConfig, max_model_len: int | None = None, resuming: bool = False) -> EngineConfig:
     """The vLLM engine for :func:`model_folder`. Context length: ``rollout.max_model_len`` if set,
     else ``max_model_len`` (the trainer passes longest prompt + max_tokens). Started from a
-    checkpoint's hf_assets (no weights there), the engine is built with dummy weights: the trainer
-    pushes its own before the first rollout, and checks them."""
+    checkpoint's hf_assets (no weights there), or `resuming` a run (hf_dir's weights would be
+    read only to be replaced), the engine is built with dummy weights: the trainer pushes its own
+    before the first rollout, and checks them."""
     from rift_megatron.rollout.engine import EngineConfig
 
     r = cfg.rollout
@@ -168,7 +183,7 @@ def to_engine_config(cfg: RiftConfig, max_model_len: int | None = None) -> Engin
         raise ConfigError("rollout.max_model_len is null and no context length was given to to_engine_config")
     return EngineConfig(
         model=model_folder(cfg),
-        load_format="auto" if cfg.model.hf_dir is not None else "dummy",
+        load_format="auto" if cfg.model.hf_dir is not None and not resuming else "dummy",
         dtype=engine_dtype(cfg),
         max_model_len=length,
         tensor_parallel_size=r.engine_tensor_parallel,

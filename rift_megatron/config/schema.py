@@ -299,6 +299,27 @@ class CheckpointConfig:
     resume: str = _f(
         "auto", "auto: continue from the latest checkpoint in dir if any; none: start fresh; or a checkpoint path."
     )
+    async_save: Literal["auto", True, False] = _f(
+        "auto",
+        "Write checkpoints in the background (Megatron-Core's async save): the tensors are staged in host memory "
+        "and a forked process writes them while training goes on; the checkpoint becomes `latest` only after "
+        "every rank's write completed (checked each step). auto: on with CUDA, off on the CPU.",
+    )
+    fully_parallel_save: bool = _f(
+        True, "Spread the writing of replicated tensors over the data-parallel ranks (Megatron-Core's fully "
+              "parallel save) instead of leaving it to data-parallel rank 0.",
+    )
+    fully_parallel_load: bool = _f(
+        True, "Each data-parallel rank reads a share of the replicated tensors and the ranks exchange them "
+              "(Megatron-Core's fully parallel load), instead of every rank reading all it needs.",
+    )
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = _f(
+        "fully_reshardable",
+        "Distributed-optimizer state on disk. fully_reshardable: per parameter, in the model's sharding, so a run "
+        "resumes at any tensor / pipeline / data-parallel layout (each save gathers a model-parallel shard's "
+        "optimizer state, 12 bytes per parameter, over the data-parallel group into host memory). dp_reshardable: "
+        "each rank's flat buffers, no gather; resumes at another data-parallel size only.",
+    )
 
 
 @dataclass(frozen=True)

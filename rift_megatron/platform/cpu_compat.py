@@ -38,6 +38,8 @@ _DEVICE_LITERAL_MODULES = (
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.utils",
     "megatron.core.transformer.utils",
+    # fully parallel checkpoint load: buffers for the tensors the data-parallel ranks exchange
+    "megatron.core.dist_checkpointing.exchange_utils",
 )
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "empty_like", "zeros_like", "ones_like")
 
@@ -158,6 +160,17 @@ def _patch_device_literals() -> None:
         view = _torch_view_of(module_name)
         for factory in _FACTORIES:
             setattr(view, factory, _cpu_factory(getattr(torch, factory)))
+    # exchange_utils also allocates through `ShardedTensor.init_data("cuda")`, a Megatron method
+    # whose factory is bound at definition time: redirect its device argument instead.
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    init_data = ShardedTensor.init_data
+
+    @functools.wraps(init_data)
+    def init_data_on_cpu(self, device, init_fn=torch.empty):
+        return init_data(self, "cpu" if _is_cuda_device(device) else device, init_fn)
+
+    ShardedTensor.init_data = init_data_on_cpu
 
 
 PATCHES: tuple[Patch, ...] = (

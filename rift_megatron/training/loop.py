@@ -31,6 +31,7 @@ from rift_megatron.config import (
     dump_yaml,
     model_folder,
     sync_check_tolerance,
+    to_checkpoint_writer,
     to_engine_config,
     to_loss_settings,
     to_offload_parts,
@@ -109,9 +110,12 @@ class Trainer:
         self.arch = load_hf_config(self.model_folder)
         self._read_prompts()  # before the model is converted or built: a prompt too long costs a second
         self.buffer = self._read_buffer()  # likewise a bad offline buffer
-        initial = initial_checkpoint(cfg)
+        resume_from = self._resume_checkpoint()
+        # A resume overwrites every weight: the initial ones are then neither converted nor loaded.
+        initial = None if resume_from is not None else initial_checkpoint(cfg)
         layout = to_parallel_layout(cfg)
         init_model_parallel(layout, seed=cfg.training.seed, timeout_minutes=cfg.parallel.collective_timeout_minutes)
+        self.checkpoints = to_checkpoint_writer(cfg)
         if cfg.data.mode == "online" or cfg.eval.prompts:  # rollouts and the split evaluation wait in it
             init_rollout_wait_group(timedelta(minutes=cfg.rollout.wait_timeout_minutes))
         from megatron.core import parallel_state as ps
@@ -131,9 +135,9 @@ class Trainer:
         self.rollout_step = 0
         self.nonfinite_in_a_row = 0
         self._sampler_state = None
-        resume_from = self._resume_checkpoint()
+        self.resumed = resume_from is not None
         if resume_from is not None:
-            payload = load_training_checkpoint(resume_from, self.state)
+            payload = load_training_checkpoint(resume_from, self.state, fully_parallel=cfg.checkpoint.fully_parallel_load)
             self.rollout_step, self._sampler_state = payload["rollout_step"], payload["sampler"]
         wandb_run = ({"project": cfg.logging.wandb_project, "name": cfg.logging.wandb_run_name, "config": asdict(cfg)}
                      if cfg.logging.wandb else None)
@@ -207,7 +211,7 @@ class Trainer:
             # free at start (rollout.gpu_memory_utilization), which the trainer gives back anyway.
             offload = TrainerOffload(self.state, to_offload_parts(cfg))
             offload.offload()
-            self.engine = RolloutEngine(to_engine_config(cfg, max_model_len=int(length)))
+            self.engine = RolloutEngine(to_engine_config(cfg, max_model_len=int(length), resuming=self.resumed))
             self.pool = VerifierPool(to_reward_spec(cfg))
             self.handoff = MemoryHandoff(self.engine, offload, push=self._sync)
 
@@ -240,6 +244,7 @@ class Trainer:
                 self.logger.log(metrics)
                 extra, check = {}, None
                 self._count_nonfinite(metrics)
+                self._finish_checkpoints()
 
     def _count_nonfinite(self, metrics: dict) -> None:
         """Stop after `training.max_consecutive_nonfinite` skipped non-finite steps in a row,
@@ -264,6 +269,7 @@ class Trainer:
 
     def _stop_for_signal(self, signum: int, last_checkpoint: int) -> None:
         name = TrainingInterrupted.signal_name(signum)
+        self._finish_checkpoints(wait=True)  # a background write of the last checkpoint completes first
         if not self.cfg.checkpoint.dir:
             kept = "nothing saved (checkpoint.dir is not set)"
         elif last_checkpoint == self.state.step:
@@ -326,14 +332,28 @@ class Trainer:
         return metrics
 
     @in_phase("checkpoint save")
-    def _checkpoint(self) -> Path:
+    def _checkpoint(self, wait: bool = True) -> Path:
+        """Save; `wait=False` lets a background writer finish during the next steps."""
         if self.handoff is not None:
             self.handoff.for_training()
-        return save_training_checkpoint(
+        directory = save_training_checkpoint(
             self.cfg.checkpoint.dir, self.state,
             {"rollout_step": self.rollout_step, "sampler": self.sampler.state_dict()},
             dump_yaml(self.cfg), hf_assets=self.hf_assets, keep_last=self.cfg.checkpoint.keep_last or 0,
+            writer=self.checkpoints, optimizer_format=self.cfg.checkpoint.optimizer_format,
         )
+        if wait:
+            self.checkpoints.wait()
+        return directory
+
+    @in_phase("checkpoint save")
+    def _finish_checkpoints(self, wait: bool = False) -> None:
+        """Rename into place (and point `latest` at) the background writes every rank has finished;
+        `wait`: block until all have."""
+        if wait:
+            self.checkpoints.wait()
+        else:
+            self.checkpoints.poll()
 
     # ---- the loop ---------------------------------------------------------------------------
 
@@ -347,7 +367,7 @@ class Trainer:
         cfg, history = self.cfg, []
         pending: dict = {}
         if self.engine is not None:
-            # the engine starts from hf_dir's weights (or none at all); a resumed trainer differs
+            # the engine starts from hf_dir's weights (or none at all: mcore_ckpt alone, or a resume)
             pending.update(self._sync())
             if cfg.data.mode == "offline" and self.sync_tolerance is not None:
                 pending.update(self._probe_check())
@@ -380,7 +400,7 @@ class Trainer:
             else:
                 last_evaluation = None
             if cfg.checkpoint.dir and crossed(cfg.checkpoint.interval) and self.state.step < cfg.training.steps:
-                self._checkpoint()
+                self._checkpoint(wait=False)
                 last_checkpoint = self.state.step
             signum = stop.agreed()  # a safe point: the trainer state plus the sampler is the whole loop state
             if signum is not None:
@@ -394,6 +414,7 @@ class Trainer:
                 self.logger.log({"step": self.state.step, **{f"final_{k}": v for k, v in final.items()}})
         if cfg.checkpoint.dir and last_checkpoint != self.state.step:
             self._checkpoint()
+        self._finish_checkpoints(wait=True)
         if self.handoff is not None:
             self.handoff.for_training()  # the trainer's state whole again for whoever holds it next
         return history
@@ -417,6 +438,7 @@ class Trainer:
         return Sample(row.prompt_ids, row.response_ids, row.behavior_logprobs, row.reward)
 
     def close(self) -> None:
+        self.checkpoints.abandon()  # after a failure only: a normal end has waited for every write
         self.logger.close()
         if self.pool is not None:
             self.pool.close()

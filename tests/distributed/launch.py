@@ -86,30 +86,52 @@ def memory_log_env(log: Path) -> dict:
 
 
 # Loaded by a run's interpreter (sitecustomize on PYTHONPATH): the checkpoint whose directory is
-# named RIFT_TEST_BLOCK_AT ("any": the first one written) blocks right before its staging
-# directory is renamed into place and says so in a marker file, so a test's kill or signal lands
-# at the same point of the write on any machine (no polling race).
+# named RIFT_TEST_BLOCK_AT ("any": the first one written) blocks at RIFT_TEST_BLOCK_DURING and says
+# so in a marker file, so a test's kill or signal lands at the same point of the write on any
+# machine (no polling race). "rename": right before its staging directory is renamed into place;
+# "write": inside Megatron's writer process while it writes the tensors (with checkpoint.async_save
+# that process runs in the background and training goes on).
 _BLOCK_HOOK = """
 import os, time
 import rift_megatron.staging as staging
-_replace = staging.replace_directory
-def _blocking_replace(source, destination):
-    if os.environ["RIFT_TEST_BLOCK_AT"] in ("any", os.path.basename(str(destination))):
+import rift_megatron.training.checkpoint_writer as checkpoint_writer
+
+def _block(name):
+    if os.environ["RIFT_TEST_BLOCK_AT"] in ("any", name):
         open(os.environ["RIFT_TEST_BLOCKED_MARKER"], "w").close()
         time.sleep(3600)
+
+_replace = staging.replace_directory
+def _blocking_replace(source, destination):
+    if os.environ["RIFT_TEST_BLOCK_DURING"] == "rename":
+        _block(os.path.basename(str(destination)))
     return _replace(source, destination)
 staging.replace_directory = _blocking_replace
+
+_save = checkpoint_writer.CheckpointWriter.save
+def _save_with_blocking_writer(self, sharded_state_dict, staging_dir, finalize):
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+    write = FileSystemWriterAsync.write_preloaded_data
+    if os.environ["RIFT_TEST_BLOCK_DURING"] == "write" and not getattr(write, "blocking", False):
+        def blocking_write(transform_list, *args, **kwargs):
+            _block(os.path.basename(os.path.dirname(kwargs["write_bucket"][0]))[1:-len(".partial")])
+            return write(transform_list, *args, **kwargs)
+        blocking_write.blocking = True
+        FileSystemWriterAsync.write_preloaded_data = staticmethod(blocking_write)
+    return _save(self, sharded_state_dict, staging_dir, finalize)
+checkpoint_writer.CheckpointWriter.save = _save_with_blocking_writer
 """
 
 
-def blocking_checkpoint_env(hook_dir: Path, block_at: str) -> tuple[dict, Path]:
+def blocking_checkpoint_env(hook_dir: Path, block_at: str, during: str = "rename") -> tuple[dict, Path]:
     """The environment of a run whose checkpoint `block_at` (a directory name, or "any") blocks
-    before its final rename, and the marker file that appears when it does."""
+    `during` its "rename" or its "write", and the marker file that appears when it does."""
     import os
 
     hook_dir.mkdir(parents=True, exist_ok=True)
     (hook_dir / "sitecustomize.py").write_text(_BLOCK_HOOK)
     marker = hook_dir / "blocked"
-    env = subprocess_env(RIFT_TEST_BLOCK_AT=block_at, RIFT_TEST_BLOCKED_MARKER=str(marker))
+    env = subprocess_env(RIFT_TEST_BLOCK_AT=block_at, RIFT_TEST_BLOCK_DURING=during,
+                         RIFT_TEST_BLOCKED_MARKER=str(marker))
     env["PYTHONPATH"] = os.pathsep.join([str(hook_dir), env["PYTHONPATH"]])
     return env, marker

@@ -151,12 +151,17 @@ def compare_runs(spec: dict, work: Path) -> None:
     destroy_model_parallel()
 
 
-def main() -> None:
+def start_worker() -> tuple[dict, Path]:
+    """A torchrun worker's start: its `--spec` JSON and work directory, the process group up."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--spec", required=True)
     spec = json.loads(Path(parser.parse_args().spec).read_text())
-    work = Path(spec["work_dir"])
     init_distributed()
+    return spec, Path(spec["work_dir"])
+
+
+def main() -> None:
+    spec, work = start_worker()
     if spec.get("write_init"):
         write_initial_weights(spec, work)
     for run in spec.get("runs", []):

@@ -32,6 +32,7 @@ import torch
 
 from tests.distributed.launch import blocking_checkpoint_env, read_metrics, train_command
 from tests.rollout_fixtures import REPO_ROOT, arithmetic_prompts, scored_buffer, shared_tiny_model, subprocess_env
+from tests.stored_checkpoint import stored_tensors
 
 pytestmark = pytest.mark.distributed
 
@@ -71,18 +72,6 @@ def _stderr_lines(result_stderr: str) -> list[str]:
     return [line for line in lines if "warn" not in line.lower() and not line.startswith("  ")]
 
 
-def _model_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Every stored model tensor of a training checkpoint (not the optimizer's), whole."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from rift_megatron.convert.dcp_reader import Region, read_metadata, read_regions
-
-    stored = {key: value for key, value in read_metadata(checkpoint).state_dict_metadata.items()
-              if not key.startswith("optimizer.") and isinstance(value, TensorStorageMetadata)}
-    regions = [Region(key, (0,) * len(value.size), tuple(value.size)) for key, value in stored.items()]
-    return dict(zip(stored, read_regions(checkpoint, regions, [value.properties.dtype for value in stored.values()])))
-
-
 def test_nonfinite_steps_are_skipped_with_weights_unchanged_then_the_run_stops(offline_setup) -> None:
     run_dir = offline_setup["work"] / "nonfinite"
     result = subprocess.run(
@@ -99,7 +88,7 @@ def test_nonfinite_steps_are_skipped_with_weights_unchanged_then_the_run_stops(o
         assert m["nonfinite"] == 1 and m["skipped"] == 1, m
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text().strip().endswith("iter_0000004")
-    after_step_1, saved_at_stop = _model_tensors(checkpoints / "iter_0000001"), _model_tensors(checkpoints / "iter_0000004")
+    after_step_1, saved_at_stop = stored_tensors(checkpoints / "iter_0000001"), stored_tensors(checkpoints / "iter_0000004")
     assert after_step_1.keys() == saved_at_stop.keys() and after_step_1
     for name, tensor in after_step_1.items():
         assert torch.isfinite(tensor).all(), name

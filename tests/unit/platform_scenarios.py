@@ -316,37 +316,84 @@ def _shared_tmpdir() -> str:
     return holder[0]
 
 
+def _checkpoint_round_trip(load_strategy: Callable[[str], object] | None = None) -> dict:
+    """Save one seeded GPTModel's sharded state dict, load it into another (with the load strategy
+    `load_strategy(directory)` gives, or the default) and expect identical parameters."""
+    from megatron.core import dist_checkpointing
+
+    model_parallel()
+    source = tiny_gpt(seed=1)
+    target = tiny_gpt(seed=2)
+    expect(
+        any(not torch.equal(a, b) for a, b in zip(source.parameters(), target.parameters())),
+        "the two models start out identical",
+    )
+    directory = _shared_tmpdir()
+    try:
+        dist_checkpointing.save(source.sharded_state_dict(), directory)
+        strategy = load_strategy(directory) if load_strategy is not None else None
+        loaded = dist_checkpointing.load(target.sharded_state_dict(), directory, sharded_strategy=strategy)
+        target.load_state_dict(loaded, strict=False)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(directory, ignore_errors=True)
+    mismatched = [
+        name
+        for (name, a), (_, b) in zip(source.named_parameters(), target.named_parameters())
+        if not torch.equal(a, b)
+    ]
+    expect(not mismatched, f"parameters differ after load: {mismatched}")
+    return {"parameters": sum(1 for _ in source.parameters())}
+
+
 def scenario_checkpoint() -> dict[str, Callable]:
     """dist_checkpointing save of a GPTModel's sharded state dict, loaded into another model."""
+    return {"save_and_load": _checkpoint_round_trip}
 
-    def save_and_load():
-        from megatron.core import dist_checkpointing
 
-        model_parallel()
-        source = tiny_gpt(seed=1)
-        target = tiny_gpt(seed=2)
-        expect(
-            any(not torch.equal(a, b) for a, b in zip(source.parameters(), target.parameters())),
-            "the two models start out identical",
-        )
-        directory = _shared_tmpdir()
-        try:
-            dist_checkpointing.save(source.sharded_state_dict(), directory)
-            loaded = dist_checkpointing.load(target.sharded_state_dict(), directory)
-            target.load_state_dict(loaded, strict=False)
-        finally:
-            dist.barrier()
-            if dist.get_rank() == 0:
-                shutil.rmtree(directory, ignore_errors=True)
-        mismatched = [
-            name
-            for (name, a), (_, b) in zip(source.named_parameters(), target.named_parameters())
-            if not torch.equal(a, b)
-        ]
-        expect(not mismatched, f"parameters differ after load: {mismatched}")
-        return {"parameters": sum(1 for _ in source.parameters())}
+def scenario_fully_parallel_load() -> dict[str, Callable]:
+    """The same, loaded fully parallel: each of two data-parallel ranks reads half of the
+    replicated tensors and they broadcast them to each other (checkpoint.fully_parallel_load)."""
 
-    return {"save_and_load": save_and_load}
+    def fully_parallel_load():
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+        return _checkpoint_round_trip(lambda directory: FullyParallelLoadStrategyWrapper(
+            get_default_load_sharded_strategy(directory), ps.get_data_parallel_group()))
+
+    return {"fully_parallel_load": fully_parallel_load}
+
+
+def scenario_exchange_buffers() -> dict[str, Callable]:
+    """The receive buffers of that exchange (one rank, no collective: in the exchange itself one
+    rank fails at them while the other waits in its broadcast)."""
+
+    def shard():
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        return ShardedTensor.from_rank_offsets("layer.weight", torch.zeros(4, 8))
+
+    def unloaded_shard_buffer():
+        from megatron.core.dist_checkpointing.exchange_utils import _get_empty_tensor_for_exchange
+
+        needed = shard()
+        needed.data = None  # not loaded by this rank: allocated as a receive buffer
+        loaded: dict = {}
+        tensor, _ = _get_empty_tensor_for_exchange("id", {"id": needed}, {}, loaded)
+        expect(tensor.device.type == "cpu" and tuple(tensor.shape) == (4, 8), f"buffer {tensor.device} {tensor.shape}")
+        return {"device": tensor.device.type}
+
+    def loaded_shard_buffer():
+        from megatron.core.dist_checkpointing.exchange_utils import _get_empty_tensor_for_exchange
+
+        tensor, _ = _get_empty_tensor_for_exchange("id", {"id": shard()}, {}, {})
+        expect(tensor.device.type == "cpu" and tuple(tensor.shape) == (4, 8), f"buffer {tensor.device} {tensor.shape}")
+        return {"device": tensor.device.type}
+
+    return {"unloaded_shard_buffer": unloaded_shard_buffer, "loaded_shard_buffer": loaded_shard_buffer}
 
 
 def scenario_tied_embeddings() -> dict[str, Callable]:
@@ -445,12 +492,14 @@ SCENARIOS: dict[str, Callable[[], dict[str, Callable]]] = {
     "schedule": scenario_schedule,
     "optimizer": scenario_optimizer,
     "checkpoint": scenario_checkpoint,
+    "fully_parallel_load": scenario_fully_parallel_load,
+    "exchange_buffers": scenario_exchange_buffers,
     "tied_embeddings": scenario_tied_embeddings,
     "pipeline_p2p": scenario_pipeline_p2p,
     "scoping": scenario_scoping,
 }
 # World size each scenario needs (the caller launches one process per rank).
-WORLD_SIZE = {name: 1 for name in SCENARIOS} | {"tied_embeddings": 2, "pipeline_p2p": 2}
+WORLD_SIZE = {name: 1 for name in SCENARIOS} | {"tied_embeddings": 2, "pipeline_p2p": 2, "fully_parallel_load": 2}
 
 
 # --------------------------------------------------------------------------- runner

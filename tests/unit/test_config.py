@@ -594,6 +594,32 @@ def test_runtime_objects_equal_hand_built_ones(runtime_cfg):
     )
 
 
+def test_a_choice_of_a_word_or_a_boolean_takes_exactly_those():
+    from rift_megatron.config import load_config
+
+    assert [load_config(None, [f"checkpoint.async_save={value}"]).checkpoint.async_save
+            for value in ("auto", "true", "false")] == ["auto", True, False]
+    assert error_of(None, ["checkpoint.async_save=1"]) == (
+        "config key 'checkpoint.async_save' (in override 'checkpoint.async_save=1') must be one of "
+        "'auto', true, false, got 1 (int)")
+    assert error_of(None, ["checkpoint.async_save=autp"]).endswith("got 'autp' (str); did you mean 'auto'?")
+
+
+def test_async_checkpoint_save_auto_is_on_with_cuda_only(monkeypatch):
+    pytest.importorskip("torch")
+    import rift_megatron.platform
+    from rift_megatron.config import load_config, to_checkpoint_writer
+    from rift_megatron.platform.device import Platform
+
+    monkeypatch.setattr(rift_megatron.platform, "current_platform", lambda: Platform(kind="cpu", backend="gloo"))
+    writer = to_checkpoint_writer(load_config(None, ["checkpoint.fully_parallel_save=false"]))
+    assert (writer.asynchronous, writer.fully_parallel) == (False, False)
+    assert to_checkpoint_writer(load_config(None, ["checkpoint.async_save=true"])).asynchronous is True
+    monkeypatch.setattr(rift_megatron.platform, "current_platform", lambda: Platform(kind="cuda", backend="nccl"))
+    assert to_checkpoint_writer(RiftConfig()).asynchronous is True
+    assert to_checkpoint_writer(load_config(None, ["checkpoint.async_save=false"])).asynchronous is False
+
+
 def test_default_config_builds_every_runtime_object():
     pytest.importorskip("torch")
     from rift_megatron.loss.megatron_loss import LossSettings

@@ -50,6 +50,10 @@ NEEDED_BY: dict[str, dict[tuple[str, str], tuple[str, str, str]]] = {
             "pipeline_parallel/schedules.py", 'device="cuda"', NO_CUDA),
         ("schedule", "gpt_forward_default_causal_mask"): (
             "transformer/utils.py", 'device="cuda"', NO_CUDA),
+        ("exchange_buffers", "unloaded_shard_buffer"): (
+            "dist_checkpointing/mapping.py", "self.data = init_fn(", NO_CUDA),
+        ("exchange_buffers", "loaded_shard_buffer"): (
+            "dist_checkpointing/exchange_utils.py", 'device="cuda"', NO_CUDA),
     },
     "tensor_cuda": {
         ("tied_embeddings", "tied_embedding_init"): (
@@ -71,7 +75,7 @@ NEEDED_BY: dict[str, dict[tuple[str, str], tuple[str, str, str]]] = {
     },
 }
 # Ranks each scenario needs (platform_scenarios.WORLD_SIZE).
-WORLD_SIZE = {"tied_embeddings": 2, "pipeline_p2p": 2}
+WORLD_SIZE = {"tied_embeddings": 2, "pipeline_p2p": 2, "fully_parallel_load": 2}
 
 cpu_only = pytest.mark.skipif(
     torch.cuda.is_available(), reason="the CPU compatibility layer only runs on CUDA-less machines"
@@ -207,8 +211,8 @@ def run_cuda_path_probe() -> dict:
     return json.loads(lines[-1][len("PROBE "):])
 
 
-ALL_PATCHES_1_RANK = ("ddp", "rng_tracker", "schedule", "optimizer", "checkpoint", "scoping")
-ALL_PATCHES_2_RANKS = ("tied_embeddings", "pipeline_p2p")
+ALL_PATCHES_1_RANK = ("ddp", "rng_tracker", "schedule", "optimizer", "checkpoint", "exchange_buffers", "scoping")
+ALL_PATCHES_2_RANKS = ("tied_embeddings", "pipeline_p2p", "fully_parallel_load")
 
 
 def _skip_runs(patch: str) -> list[tuple[tuple[str, ...], str]]:
