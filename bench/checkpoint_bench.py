@@ -4,8 +4,8 @@ One process (gloo), a Llama of `--hidden` x `--layers` with the distributed opti
 Adam step; each mode saves `--repeats` training checkpoints with `save_training_checkpoint`. For
 the synchronous writer the trainer is blocked for the whole save; for the background writer only
 until `save` returns (staging, planning, the fork) plus the finalize step at a later poll
-(`.metadata`, the checksums, which rank 0 computes by reading the checkpoint back, the rename and
-`latest`); the write itself overlaps the next steps (a sleep of twice the synchronous save here).
+(`.metadata`, the small files' checksums (each data file's digest comes from its writer), the
+rename and `latest`); the write itself overlaps the next steps (a sleep of twice the synchronous save here).
 Printed: median blocked seconds per mode and their ratio (same run, same machine), and the
 finalize step's share.
 
@@ -58,7 +58,7 @@ def main() -> None:
                 blocked[mode].append(time.perf_counter() - started)
                 if mode == "async":
                     # stands in for the training steps the write overlaps; then the finalize step
-                    # (.metadata, checksums read back by rank 0, rename, `latest`) blocks a poll
+                    # (.metadata, the small files' checksums, rename, `latest`) blocks a poll
                     time.sleep(2 * blocked["sync"][-1])
                     finalizing = time.perf_counter()
                     writer.wait()

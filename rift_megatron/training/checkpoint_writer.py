@@ -24,6 +24,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _then_hash_own_files(write: Callable | None, staging: Path) -> Callable:
+    """`write`, then the sha256 of the data files this rank wrote (torch_dist names them
+    `__<rank>_<n>.distcp`), recorded as a partial listing: the checksums of a checkpoint are
+    computed by its writers, in the background with an asynchronous save, instead of by rank 0
+    reading the whole checkpoint back while training waits (trust/checksums.py)."""
+    import torch.distributed as dist
+
+    from rift_megatron.trust.checksums import record_partial_checksums
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def write_then_hash(*args, **kwargs) -> None:
+        if write is not None:
+            write(*args, **kwargs)
+        record_partial_checksums(staging, f"__{rank}_*.distcp", f"rank{rank:05d}")
+
+    return write_then_hash
+
+
 class CheckpointWriter:
     """Writes one checkpoint at a time; `poll` each step, `wait` before leaving (collective calls)."""
 
@@ -56,6 +75,7 @@ class CheckpointWriter:
         self.wait()  # the previous checkpoint is complete (and `latest`) before the next one starts
         request = dist_checkpointing.save(sharded_state_dict, str(staging), sharded_strategy=self._strategy(),
                                           async_sharded_save=True)
+        request = request._replace(async_fn=_then_hash_own_files(request.async_fn, staging))
         request.add_finalize_fn(finalize)
         if self._queue is None:
             request.execute_sync()

@@ -7,6 +7,11 @@ staging directory, before the rename that makes the checkpoint visible; every lo
 
     {"algorithm": "sha256", "files": {"<relative path>": {"size": <bytes>, "sha256": "<hex>"}}}
 
+Hashing a 1 TB checkpoint takes one process minutes, so the ranks that write the data files hash
+their own right after writing them (`record_partial_checksums`, in the background writer when the
+save is asynchronous) into a hidden partial listing; `write_checksums` takes those digests for
+files of the recorded size, hashes the rest (metadata, small files) and removes the partials.
+
 Files added to the directory later are not listed and not checked (nothing we load is outside
 the listed files: `.metadata` names the data files, and it is listed). Folders the writer names
 as `unlisted` are left out too: `hf_assets/` (config and tokenizer files copied from the source
@@ -23,6 +28,7 @@ from pathlib import Path
 from rift_megatron.trust.errors import UntrustedCheckpointError
 
 CHECKSUMS_FILE = "rift_checksums.json"
+PARTIAL_PREFIX = ".rift_checksums_part_"
 
 
 def file_sha256(path: Path) -> str:
@@ -30,13 +36,39 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
+def record_partial_checksums(directory: Path, pattern: str, part: str) -> None:
+    """Hash the files of `directory` matching `pattern` (a writer's own data files) into the
+    hidden partial listing `part`, for `write_checksums` to take instead of reading them again."""
+    listing = {path.name: {"size": path.stat().st_size, "sha256": file_sha256(path)}
+               for path in sorted(directory.glob(pattern)) if path.is_file()}
+    (directory / f"{PARTIAL_PREFIX}{part}.json").write_text(json.dumps(listing))
+
+
+def _take_partial_checksums(directory: Path) -> dict[str, dict]:
+    """Every partial listing's entries, the partial files removed."""
+    known: dict[str, dict] = {}
+    for path in sorted(directory.glob(f"{PARTIAL_PREFIX}*.json")):
+        known.update(json.loads(path.read_text()))
+        path.unlink()
+    return known
+
+
 def write_checksums(directory: Path, unlisted: Collection[str] = ()) -> None:
     """Record every file under `directory` but those in its `unlisted` folders (call when
-    nothing else will be written to it)."""
+    nothing else will be written to it). A file with a partial listing's digest of its current
+    size (`record_partial_checksums`) is not read again."""
+    known = _take_partial_checksums(directory)
     files = sorted(path for path in directory.rglob("*") if path.is_file() and path.name != CHECKSUMS_FILE
                    and path.relative_to(directory).parts[0] not in unlisted)
-    listing = {path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
-               for path in files}
+
+    def entry(path: Path) -> dict:
+        name, size = path.relative_to(directory).as_posix(), path.stat().st_size
+        recorded = known.get(name)
+        if recorded is not None and recorded["size"] == size:
+            return recorded
+        return {"size": size, "sha256": file_sha256(path)}
+
+    listing = {path.relative_to(directory).as_posix(): entry(path) for path in files}
     payload = {"algorithm": "sha256", "files": listing}
     (directory / CHECKSUMS_FILE).write_text(json.dumps(payload, indent=1) + "\n")
 
