@@ -61,3 +61,27 @@ def test_warmup_then_cosine_decay_is_applied_per_optimizer_step():
         return 1e-4 + (1e-3 - 1e-4) * 0.5 * (math.cos(math.pi * progress) + 1)
 
     assert seen == pytest.approx([expected(step) for step in range(1, 7)], rel=1e-6)
+
+
+def test_building_layout_after_layout_leaves_no_process_groups_behind():
+    """Megatron creates ~20 process groups per layout and its teardown only forgets them; each gloo
+    group keeps a TCP loop thread. A test session builds hundreds of layouts: ours destroys the
+    groups Megatron created, so neither groups nor threads pile up (they did: ~50 threads a layout,
+    3466 in one test session, whose wake-ups kept a core busy)."""
+    import os
+
+    import torch.distributed as dist
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    init_distributed()
+    init_model_parallel(ParallelLayout(), seed=0)  # the first layout may start threads that stay
+    destroy_model_parallel()
+    groups, started = set(dist.distributed_c10d._world.pg_map), threads()
+    for _ in range(3):
+        init_model_parallel(ParallelLayout(), seed=0)
+        assert len(dist.distributed_c10d._world.pg_map) > len(groups)  # Megatron's groups exist meanwhile
+        destroy_model_parallel()
+    assert set(dist.distributed_c10d._world.pg_map) == groups
+    assert threads() <= started + 5, (started, threads())
