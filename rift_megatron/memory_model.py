@@ -333,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    replica = cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.context
+    if args.world < 1 or args.world % replica:
+        print(f"error: --world {args.world} is not a positive multiple of parallel.tensor x pipeline x context "
+              f"= {replica}", file=sys.stderr)
+        return 2
     print(estimate(cfg, arch, args.world, args.gpu_memory, args.prompt_tokens).report())
     return 0
 
