@@ -9,7 +9,6 @@ conversion tables.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,22 +16,12 @@ import torch.nn.functional as F
 
 from rift_megatron.models.hf_config import ModelArchitecture, ModelConfigError
 from rift_megatron.models.performance import KernelPackages, OverlapRequest, PerformanceOptions, performance_options
+from rift_megatron.models.vocab import padded_vocab_size  # the one rule; conversion and the push import it from here too
 from rift_megatron.parallel import ParallelLayout
 from rift_megatron.platform import Platform, current_platform, resolve_layer_impl
 from rift_megatron.platform.device import LayerImpl
 
-# Megatron-LM pads the vocabulary to 128 x TP. We pad to a multiple of lcm(128, TP) instead:
-# the same for every power-of-two TP, so a checkpoint's embedding shape does not depend on the
-# layout it was saved with and dist_checkpointing can reshard it to any TP.
-VOCAB_PAD_MULTIPLE = 128
-
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def padded_vocab_size(vocab_size: int, tensor_parallel: int, multiple: int = VOCAB_PAD_MULTIPLE) -> int:
-    """Smallest size >= vocab_size divisible by `multiple` and by the tensor-parallel size."""
-    unit = math.lcm(multiple, tensor_parallel)
-    return -(-vocab_size // unit) * unit
 
 
 def validate_layout(arch: ModelArchitecture, layout: ParallelLayout) -> None:

@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rift_megatron.memory_model import Layout, stage_parameters
 from tests.distributed.launch import run_torchrun
-from tests.distributed.parallel_worker import LR
+from tests.distributed.parallel_worker import LR, architecture
 
 pytestmark = pytest.mark.distributed
 
@@ -234,3 +235,14 @@ def test_packing_cuts_micro_batches_by_tokens_per_rank(results):
     assert histories["tp1_ragged"]["micro_batches"] == [[[2, 24]] * 4]
     for name in runs:
         assert histories[name]["history"][0]["pad_fraction"] < histories["tp1_ragged"]["history"][0]["pad_fraction"]
+
+
+def test_every_rank_holds_the_parameters_the_memory_model_counts(results):
+    """rift_megatron/memory_model.py's per-rank count (TP shards of the layers, replicated norms,
+    the padded embedding on the first stage and output layer + final norm on the last, VPP chunks)
+    equals what each rank of every TP / PP / VPP layout here really built, exactly."""
+    arch = architecture({})
+    for run in DOUBLE + QUAD:
+        layout = Layout(tensor=run["tp"], pipeline=run["pp"], virtual_pipeline=run.get("vpp"))
+        built = results["histories"][run["name"]]["stage_parameters"]
+        assert [count for stage, count in built] == [stage_parameters(arch, layout, stage) for stage, _ in built], run

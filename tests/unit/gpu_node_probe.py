@@ -22,15 +22,6 @@ import torch
 
 torch.cuda.is_available = lambda: True  # a CUDA machine, as far as the code can tell
 
-LLAMA3_70B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
-    "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
-}
-
 
 def layout() -> dict:
     import time
@@ -40,6 +31,7 @@ def layout() -> dict:
     from rift_megatron.convert.layout import sharded_model_state, stored_layout
     from rift_megatron.convert.megatron_world import tp1_megatron_world
     from rift_megatron.models.hf_config import parse_hf_config
+    from rift_megatron.models.presets import LLAMA3_70B
 
     arch = parse_hf_config(LLAMA3_70B)
     with tp1_megatron_world():
