@@ -93,15 +93,15 @@ def train_run(spec: dict, run: dict, work: Path) -> None:
     dist.all_gather_object(per_rank, shapes, group=ps.get_data_parallel_group())
     if capture and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         torch.save(grads, work / f"{run['name']}.grads.pp{ps.get_pipeline_model_parallel_rank()}.pt")
+    stale = _stale_weights(state)  # first: unwrapped_chunks() completes a deferred parameter gather
     # Each rank's parameter count (its TP shard of its stage's chunks), for the memory model's test.
     counts = [None] * dist.get_world_size()
     local = sum(param.numel() for chunk in state.unwrapped_chunks() for param in chunk.parameters())
     dist.all_gather_object(counts, [ps.get_pipeline_model_parallel_rank(), local])
-    stale = _stale_weights(state)
     save_model_checkpoint(state.unwrapped_chunks(), work / run["name"])
     if dist.get_rank() == 0:
-        report = {"dp": dp_size, "history": history, "stage_parameters": counts, "stale_before_sync": stale, "micro_batches": per_rank,
-                  "overlap": [state.provider.options.overlap_grad_reduce, state.provider.options.overlap_param_gather]}
+        report = {"dp": dp_size, "history": history, "stage_parameters": counts, "stale_before_sync": stale,
+                  "micro_batches": per_rank, "overlap": [state.provider.options.overlap_grad_reduce, state.provider.options.overlap_param_gather]}
         (work / f"{run['name']}.json").write_text(json.dumps(report))
     destroy_model_parallel()
 
