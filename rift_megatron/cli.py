@@ -11,6 +11,7 @@ from rift_megatron.demo import pipeline as demo_pipeline
 from rift_megatron import train as train_entry
 from rift_megatron.rollout import cli as rollout_cli
 from rift_megatron.exits import run_reporting
+from rift_megatron.planner import cli as plan_cli
 from rift_megatron.rollout import eval_cli
 
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cli.register(commands)
     rollout_cli.register(commands)
     eval_cli.register(commands)
+    plan_cli.register(commands)
     train = commands.add_parser("train", help="train with a config file (one process; torchrun -m rift_megatron.train for more)")
     train_entry.add_arguments(train)
     train.set_defaults(handler=train_entry.run)

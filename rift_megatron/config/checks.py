@@ -233,7 +233,10 @@ def response_lengths(cfg: RiftConfig) -> list[tuple[int, str, bool]]:
     return [rollout, (*evaluation, cfg.eval.prompts is not None)]
 
 
-def _world_problems(cfg: RiftConfig, world_size: int) -> Iterator[str]:
+def world_problems(cfg: RiftConfig, world_size: int) -> Iterator[str]:
+    """The config's sizes against `world_size` ranks, one line each: model-parallel sizes that do not
+    divide the world, batches that do not split over micro-batches x data-parallel ranks, rollouts over
+    engines and global batches (no files read: the planner checks its candidate layouts with it)."""
     tp, pp, cp = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.context
     gbs, mbs = cfg.training.global_batch_size, cfg.training.micro_batch_size
     dp = None
@@ -308,7 +311,7 @@ def validate_for_world(cfg: RiftConfig, world_size: int) -> int:
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
-    problems = [*_world_problems(cfg, world_size), *_context_problems(cfg), *_path_problems(cfg)]
+    problems = [*world_problems(cfg, world_size), *_context_problems(cfg), *_path_problems(cfg)]
     if not problems:  # the model's files are sound: check the model against the layout and lengths
         problems = list(_model_problems(cfg))
     if problems:

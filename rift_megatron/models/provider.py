@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from rift_megatron.models.hf_config import ModelArchitecture, ModelConfigError
 from rift_megatron.models.performance import KernelPackages, OverlapRequest, PerformanceOptions, performance_options
+from rift_megatron.models.sharding import sharding_problem
 from rift_megatron.models.vocab import padded_vocab_size  # the one rule; conversion and the push import it from here too
 from rift_megatron.parallel import ParallelLayout
 from rift_megatron.platform import Platform, current_platform, resolve_layer_impl
@@ -26,19 +27,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def validate_layout(arch: ModelArchitecture, layout: ParallelLayout) -> None:
     """Refuse layouts Megatron cannot shard this model into, naming the config field."""
-    tp, src = layout.tensor, arch.source
-    checks = (
-        ("num_attention_heads", arch.num_attention_heads, tp, "tensor"),
-        ("num_key_value_heads", arch.num_kv_heads, tp, "tensor"),
-        ("intermediate_size", arch.ffn_hidden_size, tp, "tensor"),
-        ("num_hidden_layers", arch.num_layers, layout.pipeline * (layout.virtual_pipeline or 1),
-         "pipeline x virtual_pipeline"),
-    )
-    for field, value, divisor, what in checks:
-        if value % divisor:
-            raise ModelConfigError(
-                f"{src}: '{field}'={value} is not divisible by the {what} parallel size {divisor}"
-            )
+    problem = sharding_problem(arch, layout.tensor, layout.pipeline, layout.virtual_pipeline)
+    if problem:
+        raise ModelConfigError(problem)
 
 
 def context_parallel_problem(layout: ParallelLayout, layer_impl: str | None) -> str | None:

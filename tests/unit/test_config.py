@@ -673,8 +673,8 @@ def test_engine_dtype_auto_is_the_trainers():
 def test_gpu_example_configs_load_and_fit_their_world(path, world_size):
     """The GPU examples cannot run here; their layout arithmetic is checked for the world they
     are written for (their model / data paths exist only on a cluster)."""
-    from rift_megatron.config.checks import _world_problems
+    from rift_megatron.config.checks import world_problems
 
     cfg = load_config(Path(__file__).resolve().parents[2] / path)
-    assert list(_world_problems(cfg, world_size)) == []
-    assert list(_world_problems(cfg, world_size // 2 + 1))  # and the check can fail
+    assert list(world_problems(cfg, world_size)) == []
+    assert list(world_problems(cfg, world_size // 2 + 1))  # and the check can fail
