@@ -136,10 +136,17 @@ def evaluate(request: PlanRequest, layout: Layout) -> LayoutPlan | None:
     cfg = layout_config(request, layout, UTILIZATIONS[0])
     if next(world_problems(cfg, request.world), None) is not None:
         return None
+    return evaluate_config(request, cfg, layout)
+
+
+def evaluate_config(request: PlanRequest, cfg: RiftConfig, layout: Layout) -> LayoutPlan:
+    """The figures of `cfg` (whose sizes are `layout`'s) for `request`'s cluster and workload."""
     usable = int((request.gpu_memory_gib - request.headroom_gib) * GIB)
     utilization, memory, waves = _rollout_figures(request, cfg, usable)
     push_bytes = memory.engine_weights * (1 if layout.engine_tensor == layout.tensor else layout.engine_tensor)
-    offload_bytes = memory.trainer_weights + memory.trainer_optimizer if layout.offload else 0
+    r = cfg.rollout  # offload switches: null is on with CUDA; gradients are freed, not copied
+    offload_bytes = ((memory.trainer_weights if r.param_offload is not False else 0)
+                     + (memory.trainer_optimizer if r.optimizer_offload is not False else 0))
     micro_batches = request.prompts_per_step * request.k // (layout.data * layout.micro_batch_size)
     sizes = Parallelism(tensor=layout.tensor, pipeline=layout.pipeline, virtual_pipeline=layout.virtual_pipeline,
                         context=layout.context, data=layout.data, hidden_size=request.arch.hidden_size,
