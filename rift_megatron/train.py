@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     # so a bad config costs a second and prints only its own lines.
     validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     _set_launch_environment(cfg)
+    if os.environ.get("RANK", "0") == "0":
+        print(_prediction(cfg), flush=True)
 
     from rift_megatron.parallel import is_main_rank
     from rift_megatron.training.loop import Trainer
@@ -43,6 +45,19 @@ def run(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _prediction(cfg) -> str:
+    """The planner's figures for this config and world (rift_megatron/planner/predict.py)."""
+    from rift_megatron.config.runtime import model_folder
+    from rift_megatron.models.hf_config import load_hf_config
+    from rift_megatron.planner.predict import startup_prediction
+    from rift_megatron.platform.device import detect_platform
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return startup_prediction(cfg, load_hf_config(model_folder(cfg)), world, per_node,
+                              on_gpu=detect_platform().kind == "cuda")
 
 
 def _set_launch_environment(cfg) -> None:

@@ -37,3 +37,21 @@ def predict(cfg: RiftConfig, arch: ModelArchitecture, world: int, gpus_per_node:
         prompt_len=prompt_len or max(1, seq_len - r.max_tokens), response_len=response_len or r.max_tokens,
         headroom_gib=headroom_gib, gpu_memory_utilization=r.gpu_memory_utilization)
     return evaluate_config(request, cfg, config_layout(cfg, world))
+
+
+def startup_prediction(cfg: RiftConfig, arch: ModelArchitecture, world: int, gpus_per_node: int,
+                       on_gpu: bool) -> str:
+    """What `rift train` prints before it starts: the planner's figures for its own config and world,
+    on H100 80 GB GPUs (the device the model is written for; on the CPU, what a GPU run would need)."""
+    from rift_megatron.planner.report import layout_summary
+    from rift_megatron.planner.step_time import Hardware
+
+    plan = predict(cfg, arch, world, gpus_per_node=gpus_per_node)
+    where = "" if on_gpu else " (this run is on the CPU: the figures are those of the same run on H100 GPUs)"
+    verdict = "fits" if plan.feasible else f"does NOT fit: {plan.reason}"
+    if cfg.data.mode != "online":
+        m = plan.memory
+        return (f"planner: {plan.layout.name()} on {world} x H100 80 GB{where}: training "
+                f"{(m.training_total - m.engine_while_training) / 2**30:.1f} GiB per GPU (offline: no engine)")
+    return (f"planner: {plan.layout.name()} on {world} x H100 80 GB {verdict}{where}; step time is an upper bound "
+            f"(every response at rollout.max_tokens)\n{layout_summary(plan, Hardware(), world)}")

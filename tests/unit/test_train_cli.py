@@ -53,6 +53,10 @@ def test_a_failed_sync_check_stops_the_run_in_one_line(tmp_path_factory, tmp_pat
          "rollout.sync_check_atol=1e-12", f"logging.dir={run_dir}", "logging.tensorboard=false"],
         cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-4000:]
+    # before anything starts, the planner's prediction for this config and world (issue 16)
+    assert result.stdout.startswith("planner: TP1 PP1 DP1 mbs4 recompute=none engine TP1 offload=on on 1 x H100"), \
+        result.stdout[:2000]
+    assert all(phase in result.stdout for phase in ("training ", "weight push ", "rollout ", "step time on 1 GPUs"))
     errors = [line for line in result.stderr.splitlines() if line.startswith("rift train: error:")]
     assert len(errors) == 1 and "rollout.sync_check_atol" in errors[0] and "before step 1" in errors[0], result.stderr[-4000:]
     assert "Traceback" not in result.stderr
