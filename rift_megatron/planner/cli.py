@@ -61,7 +61,7 @@ def request_from_args(args: argparse.Namespace):
     """The PlanRequest of `rift plan`'s flags (ValueError naming the flag for a bad one)."""
     import dataclasses
 
-    from rift_megatron.models.hf_config import load_hf_config
+    from rift_megatron.models.hf_config import ModelConfigError, load_hf_config
     from rift_megatron.planner.space import PlanRequest
     from rift_megatron.planner.step_time import Hardware
 
@@ -82,11 +82,15 @@ def request_from_args(args: argparse.Namespace):
         raise ValueError(f"--prompt-len ({prompt_len}) + --response-len ({response_len}) exceed --seq-len "
                          f"({args.seq_len}): both are means of samples no longer than seq-len")
     world = args.nodes * args.gpus_per_node
+    try:
+        arch = load_hf_config(args.model)
+    except ModelConfigError as error:
+        raise ModelConfigError(f"--model: {error}") from None
     hardware = dataclasses.replace(Hardware(), **{name: value for name, value in (
         ("tflops", args.gpu_tflops), ("train_mfu", args.train_mfu), ("decode_mfu", args.decode_mfu))
         if value is not None})
     return PlanRequest(
-        arch=load_hf_config(args.model), nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        arch=arch, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         gpu_memory_gib=args.gpu_memory, seq_len=args.seq_len, k=args.rollout_k,
         prompts_per_step=args.prompts_per_step or world * -(-64 // world), prompt_len=prompt_len,
         response_len=response_len, offload=args.offload, headroom_gib=args.headroom, hardware=hardware,
