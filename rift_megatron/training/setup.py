@@ -79,21 +79,27 @@ class TrainState:
         return unwrap_model(self.model)
 
 
-def build_model_chunks(provider: GPTModelProvider) -> list[torch.nn.Module]:
-    """This rank's GPTModel chunk(s): one per virtual pipeline stage, like Megatron-LM's get_model."""
+def model_chunks(provider: GPTModelProvider) -> list[torch.nn.Module]:
+    """This rank's GPTModel chunk(s): one per virtual pipeline stage, like Megatron-LM's get_model,
+    left where they were built (so that under `torch.device("meta")` they allocate nothing: the
+    parameter-count test builds 70B-class models with them)."""
     from megatron.core import parallel_state as ps
 
     vpp = provider.layout.virtual_pipeline
     stages = range(vpp) if vpp else [None]
-    chunks = []
-    for vp_stage in stages:
-        chunks.append(
-            provider(
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage,
-            )
+    return [
+        provider(
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
         )
+        for vp_stage in stages
+    ]
+
+
+def build_model_chunks(provider: GPTModelProvider) -> list[torch.nn.Module]:
+    """`model_chunks` on this process's device."""
+    chunks = model_chunks(provider)
     device = provider.platform.device()
     for chunk in chunks:
         chunk.to(device)

@@ -2,8 +2,9 @@
 the GPU examples.
 
 * parameter counts: exact against megatron-core GPTModels built by our provider on the meta device
-  (Llama-3-70B and Qwen2.5-72B, each pipeline stage at TP1; per-rank TP / PP / VPP shards of a tiny
-  model are checked exactly in the torchrun test_parallel_equivalence.py);
+  (Llama-3-70B and Qwen2.5-72B, each pipeline stage at TP1, one process; every rank's TP / PP / VPP
+  shard of both, and of a tiny model with tied embeddings at PP > 1, on 4 real gloo ranks in
+  tests/distributed/test_meta_parameter_counts.py);
 * training state: the bytes the trainer really holds per part (the storages TrainerOffload
   releases), fp32 and bf16, distributed and plain optimizer, up to Megatron's stated padding;
 * Megatron-LM's published figures for Llama-3-70B (issue 16) and issue 15's 51 / 5 / 2 GiB for
@@ -59,8 +60,9 @@ def _meta_stage_count(arch, pipeline: int, pre_process: bool, post_process: bool
 @pytest.mark.parametrize("config, pipeline", [(LLAMA3_70B, 1), (LLAMA3_70B, 4), (QWEN25_72B, 2),
                                               (tiny_hf_config(tie_word_embeddings=True), 1)])
 def test_stage_parameter_counts_are_those_of_the_built_model(config, pipeline):
-    """Every stage kind (first, middle, last) at TP1. Not covered: tied embeddings with PP > 1 (the
-    last stage's output-layer copy; GPTModel asserts a real pipeline group to build it)."""
+    """Every stage kind (first, middle, last) at TP1. Tied embeddings with PP > 1 (the last stage's
+    output-layer copy: GPTModel needs a real pipeline group to build it) and TP shards (Megatron's
+    layers read the TP size from real process groups) are in test_meta_parameter_counts.py."""
     arch = parse_hf_config(config)
     layout = Layout(pipeline=pipeline)
     for stage in sorted({0, pipeline - 1} | ({1} if pipeline > 2 else set())):
