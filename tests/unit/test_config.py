@@ -253,6 +253,7 @@ def test_missing_config_file():
         (["parallel.tensor=0"], "config key 'parallel.tensor' (in override 'parallel.tensor=0') must be >= 1, got 0"),
         (["rollout.top_p=1.5"], "config key 'rollout.top_p' (in override 'rollout.top_p=1.5') must be <= 1, got 1.5"),
         (["algorithm.ratio_cap=0"], "must be > 0, got 0"),
+        (["rollout.cpu_kv_cache_gib=0"], "must be > 0, got 0"),
         (["optim.lr=.inf"], "config key 'optim.lr' (in override 'optim.lr=.inf') must be a finite number, got inf"),
         (["data.prompt_field=''"], "config key 'data.prompt_field' (in override \"data.prompt_field=''\") must not be empty"),
         (["parallel.sequence_parallel=true"],
@@ -558,7 +559,7 @@ def runtime_cfg():
         "algorithm.reward_memory_limit_mb=null",
         "rollout.temperature=0.7", "rollout.top_p=0.9", "rollout.top_k=20", "rollout.max_tokens=64",
         "rollout.stop=[END]", "rollout.engine_tensor_parallel=2", "rollout.engine_dtype=bfloat16",
-        "rollout.gpu_memory_utilization=0.4", "rollout.cpu_kv_cache_gib=2", "rollout.enable_sleep_mode=false",
+        "rollout.gpu_memory_utilization=0.4", "rollout.cpu_kv_cache_gib=0.25", "rollout.enable_sleep_mode=false",
         "training.seed=9", "eval.temperature=0.5", "eval.max_tokens=32",
     ])
 
@@ -590,7 +591,7 @@ def test_runtime_objects_equal_hand_built_ones(runtime_cfg):
     assert to_eval_sampling_config(cfg) == SamplingConfig(temperature=0.5, max_tokens=32, stop=("END",))
     assert to_engine_config(cfg, max_model_len=300) == EngineConfig(
         model="models/x", dtype="bfloat16", max_model_len=300, tensor_parallel_size=2,
-        gpu_memory_utilization=0.4, cpu_kv_cache_gib=2, enable_sleep_mode=False, seed=9,
+        gpu_memory_utilization=0.4, cpu_kv_cache_gib=0.25, enable_sleep_mode=False, seed=9,
     )
 
 
