@@ -2,10 +2,12 @@
 
 Published figures it must reproduce (issue 16), each with the workload the publication states:
 
-* NeMo-RL v0.3, Llama-3.1-70B GRPO on 64 H100 (8 x 8): policy at TP4 x PP4, vLLM at TP4-8 with
-  gpu_memory_utilization 0.6, 64 prompts x 32 generations per step, sequences up to 4096 tokens,
-  ~400 generated tokens on average; step 147 s (train 28, refit 14, generation 84, log-probs 18):
-  the planner must call the layout feasible and predict a step within 2x of 147 s;
+* NeMo-RL v0.3, Llama-3.1-70B GRPO on 64 H100 (8 x 8), its recipe examples/configs/
+  grpo_math_70B_megatron.yaml: policy at TP4 x PP4, vLLM at TP4 (TP8 in its blog's run) with
+  gpu_memory_utilization 0.6, 64 prompts x 32 generations per step, sequences up to 4096 tokens;
+  400 generated tokens on average is our assumption (the recipe sets none); step 147 s (train 28,
+  refit 14, generation 84, log-probs 18): the planner must call the layout feasible and predict a
+  step within 2x of 147 s;
 * NeMo-RL v0.4, Llama-3.1-8B GRPO on 16 H100: policy TP1, vLLM TP1, 2048 samples of 1060 tokens on
   average (of at most 4096), step 97.7 s: within 2x too (a second, independent run for the same
   efficiency assumptions);
