@@ -7,7 +7,8 @@ the GPU examples.
 * training state: the bytes the trainer really holds per part (the storages TrainerOffload
   releases), fp32 and bf16, distributed and plain optimizer, up to Megatron's stated padding;
 * Megatron-LM's published figures for Llama-3-70B (issue 16) and issue 15's 51 / 5 / 2 GiB for
-  the old 72B example; the examples fit with headroom in every phase.
+  the old 72B example. The GPU examples themselves (feasible, the planner's layouts and figures):
+  tests/unit/test_examples.py.
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ OLD_72B_EXAMPLE = ["model.dtype=bf16", "parallel.tensor=8", "parallel.pipeline=2
                    "rollout.engine_tensor_parallel=8", "rollout.engine_dtype=bfloat16",
                    "rollout.gpu_memory_utilization=0.3", "rollout.sync_bucket_mb=1024",
                    "training.global_batch_size=1024", "training.micro_batch_size=1", *NO_OFFLOAD]
-# What the examples must leave free in every phase, beyond the model's 3 GiB CUDA reserve.
-HEADROOM_GIB = 5.0
 
 
 def _meta_stage_count(arch, pipeline: int, pre_process: bool, post_process: bool) -> int:
@@ -144,19 +143,6 @@ def test_old_72b_example_leaves_the_few_gib_issue_15_describes():
     assert old.rollout_headroom / GIB == pytest.approx(2, abs=0.5)
 
 
-@pytest.mark.parametrize("path, preset, world", [(QWEN_EXAMPLE, QWEN25_72B, 32), (LLAMA_EXAMPLE, LLAMA31_8B, 8)])
-def test_gpu_examples_fit_with_headroom_in_every_phase(path, preset, world):
-    figures = estimate(load_config(path), parse_hf_config(preset), world)
-    assert figures.trainer_resident == 0  # everything offloaded while the engine generates
-    for phase in ("training", "push", "rollout"):
-        assert getattr(figures, f"{phase}_headroom") / GIB >= HEADROOM_GIB, (path.parent.name, phase, figures.report())
-    # and the header states the model's figures (regenerate with the command in it)
-    header = path.read_text()
-    for phase in ("training", "push", "rollout"):
-        total = getattr(figures, f"{phase}_total") / GIB
-        assert f"{phase} {total:.1f} GiB" in header, (path.parent.name, phase, total)
-
-
 def test_8b_fits_16k_token_micro_batches_only_after_the_logprob_fix():
     """Issue 15 section 2: at 16k tokens per micro-batch the 8B example (TP2) did not fit. With the
     log-probs in the model output's own fp32 buffer it fits (no recomputation); one more fp32
@@ -173,7 +159,7 @@ def test_cli_prints_both_phases_and_refuses_a_missing_model_config(tmp_path):
     import json
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_72B))
-    run = [sys.executable, "-m", "rift_megatron.memory_model", str(QWEN_EXAMPLE), "--world", "32"]
+    run = [sys.executable, "-m", "rift_megatron.memory_model", str(QWEN_EXAMPLE), "--world", "64"]
     shown = subprocess.run([*run, "--hf-config", str(tmp_path / "config.json")], capture_output=True, text=True,
                            cwd=REPO, env=subprocess_env(), check=True).stdout
     assert "training_total:" in shown and "rollout_headroom:" in shown and "kv_tokens:" in shown
