@@ -8,7 +8,8 @@ the GPU examples.
 * training state: the bytes the trainer really holds per part (the storages TrainerOffload
   releases), fp32 and bf16, distributed and plain optimizer, up to Megatron's stated padding;
 * Megatron-LM's published figures for Llama-3-70B (issue 16) and issue 15's 51 / 5 / 2 GiB for
-  the old 72B example; the examples fit with headroom in every phase.
+  the old 72B example. The GPU examples themselves (feasible, the planner's layouts and figures):
+  tests/unit/test_examples.py.
 """
 
 from __future__ import annotations
@@ -37,8 +38,12 @@ REPO = Path(__file__).resolve().parents[2]
 QWEN_EXAMPLE = REPO / "examples" / "qwen25_72b_multinode" / "config.yaml"
 LLAMA_EXAMPLE = REPO / "examples" / "llama31_8b_single_node" / "config.yaml"
 NO_OFFLOAD = ["rollout.param_offload=false", "rollout.grad_offload=false", "rollout.optimizer_offload=false"]
-# What the examples must leave free in every phase, beyond the model's 3 GiB CUDA reserve.
-HEADROOM_GIB = 5.0
+# The 72B example before issue 15 (4 nodes x 8 GPUs, TP8 x PP2 x DP2, no offload, engine budget 0.3).
+OLD_72B_EXAMPLE = ["model.dtype=bf16", "parallel.tensor=8", "parallel.pipeline=2", "parallel.sequence_parallel=true",
+                   "data.mode=online", "data.prompts_per_step=128", "rollout.k=8", "rollout.max_tokens=4096",
+                   "rollout.engine_tensor_parallel=8", "rollout.engine_dtype=bfloat16",
+                   "rollout.gpu_memory_utilization=0.3", "rollout.sync_bucket_mb=1024",
+                   "training.global_batch_size=1024", "training.micro_batch_size=1", *NO_OFFLOAD]
 
 
 def _meta_stage_count(arch, pipeline: int, pre_process: bool, post_process: bool) -> int:
@@ -133,25 +138,11 @@ def test_megatron_lm_figures_for_llama3_70b(tensor, pipeline, data, published_gi
 def test_old_72b_example_leaves_the_few_gib_issue_15_describes():
     """Issue 15: trainer state ~51 GiB resident while the engine generates, ~5 GiB of KV cache and
     ~2 GiB of headroom at gpu_memory_utilization 0.3 (with our 3 GiB CUDA reserve)."""
-    old = estimate(load_config(QWEN_EXAMPLE, [*NO_OFFLOAD, "rollout.gpu_memory_utilization=0.3"]),
-                   parse_hf_config(QWEN25_72B), 32)
+    old = estimate(load_config(None, OLD_72B_EXAMPLE), parse_hf_config(QWEN25_72B), 32)
     assert old.trainer_resident >= old.trainer_state  # the whole state of the most loaded stage stays
     assert old.trainer_resident / GIB == pytest.approx(51, abs=0.5)
     assert old.kv_cache / GIB == pytest.approx(5, abs=0.5)
     assert old.rollout_headroom / GIB == pytest.approx(2, abs=0.5)
-
-
-@pytest.mark.parametrize("path, preset, world", [(QWEN_EXAMPLE, QWEN25_72B, 32), (LLAMA_EXAMPLE, LLAMA31_8B, 8)])
-def test_gpu_examples_fit_with_headroom_in_every_phase(path, preset, world):
-    figures = estimate(load_config(path), parse_hf_config(preset), world)
-    assert figures.trainer_resident == 0  # everything offloaded while the engine generates
-    for phase in ("training", "push", "rollout"):
-        assert getattr(figures, f"{phase}_headroom") / GIB >= HEADROOM_GIB, (path.parent.name, phase, figures.report())
-    # and the header states the model's figures (regenerate with the command in it)
-    header = path.read_text()
-    for phase in ("training", "push", "rollout"):
-        total = getattr(figures, f"{phase}_total") / GIB
-        assert f"{phase} {total:.1f} GiB" in header, (path.parent.name, phase, total)
 
 
 def test_8b_fits_16k_token_micro_batches_only_after_the_logprob_fix():
@@ -170,7 +161,7 @@ def test_cli_prints_both_phases_and_refuses_a_missing_model_config(tmp_path):
     import json
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_72B))
-    run = [sys.executable, "-m", "rift_megatron.memory_model", str(QWEN_EXAMPLE), "--world", "32"]
+    run = [sys.executable, "-m", "rift_megatron.memory_model", str(QWEN_EXAMPLE), "--world", "64"]
     shown = subprocess.run([*run, "--hf-config", str(tmp_path / "config.json")], capture_output=True, text=True,
                            cwd=REPO, env=subprocess_env(), check=True).stdout
     assert "training_total:" in shown and "rollout_headroom:" in shown and "kv_tokens:" in shown
