@@ -34,7 +34,8 @@ class Plan:
 
 
 # Step times closer than this are within the FLOP model's resolution: among them the layout with the
-# least model parallelism wins (its communication, which the model sees only in part, is the least).
+# least model parallelism wins (its communication, which the model sees only in part, is the least),
+# then the one leaving the most memory free (e.g. offloading for 1% more time and 18 GiB more room).
 RESOLUTION = 0.03
 
 
@@ -48,11 +49,11 @@ def _rank(plan: LayoutPlan) -> tuple:
 
 
 def _recommend(fitting: list[LayoutPlan]) -> LayoutPlan:
-    """The fastest predicted, or one within RESOLUTION of it with less model parallelism."""
+    """The fastest predicted, or one within RESOLUTION of it with less model parallelism or more free memory."""
     fastest = fitting[0].step.total
     close = [p for p in fitting if p.step.total <= fastest * (1 + RESOLUTION)]
     return min(close, key=lambda p: (p.layout.tensor * p.layout.context * p.layout.pipeline,
-                                     p.layout.virtual_pipeline or 1, p.step.total, p.per_gpu_memory_gib))
+                                     p.layout.virtual_pipeline or 1, round(p.per_gpu_memory_gib), p.step.total))
 
 
 def make_plan(request: PlanRequest) -> Plan:
@@ -69,7 +70,7 @@ def make_plan(request: PlanRequest) -> Plan:
         evaluated.remove(best)
         evaluated.insert(0, best)
         return Plan(request, evaluated, best, f"{best.layout.name()} fits with at least {request.headroom_gib:g} GiB "
-                                              f"headroom and is the fastest predicted (within 3%, with the least model parallelism) of "
+                                              f"headroom and is the fastest predicted (within 3%: the least model parallelism, then the most free memory) of "
                                               f"{sum(p.feasible for p in evaluated)} layouts that fit")
     closest = best  # the least memory of all: nothing fits
     state = closest.memory.trainer_state / GIB
