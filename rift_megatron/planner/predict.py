@@ -30,7 +30,7 @@ def predict(cfg: RiftConfig, arch: ModelArchitecture, world: int, gpus_per_node:
     and every response at rollout.max_tokens."""
     r = cfg.rollout
     seq_len = r.max_model_len or DEFAULT_PROMPT_TOKENS + r.max_tokens
-    per_node = min(gpus_per_node, world)
+    per_node = gpus_per_node if world % gpus_per_node == 0 else world  # uneven nodes: planned as one
     request = PlanRequest(
         arch=arch, nodes=max(1, world // per_node), gpus_per_node=per_node, gpu_memory_gib=gpu_memory_gib,
         seq_len=seq_len, k=r.k, prompts_per_step=cfg.data.prompts_per_step,
