@@ -113,10 +113,9 @@ def run(quick: bool = False, steps: int | None = None, work_dir: Path | None = N
             run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", __file__,
                         "--worker", str(spec)], timeout=1800)
             ranks = json.loads(out.read_text())
-            wall, cpu = max(r["wall_s"] for r in ranks), sum(r["cpu_s"] for r in ranks)
+            wall, cpu, tokens = max(r["wall_s"] for r in ranks), sum(r["cpu_s"] for r in ranks), ranks[0]["tokens"]
             rows[name] = {"tp": tp, "pp": pp, "dp": processes // (tp * pp), "processes": processes,
-                          "tokens_per_s": ranks[0]["tokens"] / wall, "cpu_s_per_1k_tokens": 1000 * cpu / ranks[0]["tokens"],
-                          "ranks": ranks}
+                          "tokens_per_s": tokens / wall, "cpu_s_per_1k_tokens": 1000 * cpu / tokens, "ranks": ranks}
     base = rows["world 1"]
     for row in rows.values():
         row["tokens_per_s_over_world1"] = row["tokens_per_s"] / base["tokens_per_s"]
