@@ -44,18 +44,19 @@ SAMPLES, SEQ = 8, 256
 RECOMPUTE = {"none": ("none", "uniform", 1), "selective": ("selective", "uniform", 1), "full": ("full", "uniform", 1)}
 
 
-def _batch(seed: int = 0) -> dict:
-    """SAMPLES rows of SEQ tokens, the second half of each a response, rewards of both signs."""
+def training_batch(samples: int = SAMPLES, seq: int = SEQ, seed: int = 0) -> dict:
+    """`samples` (even) rows of `seq` tokens, the second half of each a response, rewards of both
+    signs (also bench/layout_bench.py's batch)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, MODEL["vocab_size"], (SAMPLES, SEQ), generator=g)
-    mask = torch.zeros(SAMPLES, SEQ)
-    mask[:, SEQ // 2:-1] = 1.0
-    return {"tokens": tokens, "position_ids": torch.arange(SEQ).expand(SAMPLES, SEQ).clone(),
+    tokens = torch.randint(3, MODEL["vocab_size"], (samples, seq), generator=g)
+    mask = torch.zeros(samples, seq)
+    mask[:, seq // 2:-1] = 1.0
+    return {"tokens": tokens, "position_ids": torch.arange(seq).expand(samples, seq).clone(),
             "targets": torch.roll(tokens, -1, dims=1), "loss_mask": mask,
-            "rewards": torch.tensor([1.0, -0.5] * (SAMPLES // 2)),
-            "behavior_logprobs": torch.full((SAMPLES, SEQ), -6.9) * mask}
+            "rewards": torch.tensor([1.0, -0.5] * (samples // 2)),
+            "behavior_logprobs": torch.full((samples, seq), -6.9) * mask}
 
 
 def _state(dtype: str, recompute: tuple[str, str, int] = RECOMPUTE["none"]):
@@ -86,7 +87,7 @@ def measure_offload(reps: int) -> dict[str, Any]:
     from rift_megatron.training.step import train_step
 
     state = _state("bf16")
-    train_step(state, _batch(), LossSettings(), micro_batch_size=4)  # Adam's state exists from here
+    train_step(state, training_batch(), LossSettings(), micro_batch_size=4)  # Adam's state exists from here
     offload = TrainerOffload(state, OffloadParts(params=True, grads=True, optimizer=True))
     storages = [s for part in offload.storages().values() for s in part]
     total = sum(s.nbytes() for s in storages)
@@ -140,7 +141,7 @@ def measure_recompute(reps: int) -> dict[str, Any]:
     from rift_megatron.loss import LossSettings
     from rift_megatron.training.step import train_step
 
-    batch = _batch()
+    batch = training_batch()
     states = {name: _state("fp32", recompute) for name, recompute in RECOMPUTE.items()}
     kept = {name: _kept_for_backward(state, batch) for name, state in states.items()}
     seconds: dict[str, list[float]] = {name: [] for name in states}

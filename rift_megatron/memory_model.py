@@ -28,8 +28,20 @@ Activations follow Megatron-LM's `compute_activation_memory` (Korthikanti et al.
 with the SwiGLU MLP's 4 x ffn / h): per layer s x b x h x (18 + 4 ffn/h) bytes at 2-byte activations,
 all divided by TP under sequence parallelism; without it only 8 + 4 ffn/h of that is split
 (Megatron's `compute_activation_memory_without_sp`: 10 + 24 / TP at ffn = 4h). Attention scores
-(5 a s / h) are not counted: on a GPU the attention is Transformer Engine's flash / fused kernel,
-which stores none, so selective recomputation saves nothing more here. Full recomputation keeps each
+are not counted by default: on a GPU the attention is Transformer Engine's flash / fused kernel,
+which stores none, so selective recomputation saves nothing more here. With `flash_attention=False`
+(Megatron's unfused DotProductAttention: the local spec, the CPU's) each layer also keeps its
+scores, Korthikanti's 5 a s / h per sbh / TP (softmax output 2, dropout mask 1, dropout output 2
+bytes per score at 2-byte activations), or 2 a s / h when attention_dropout is 0 (Llama, Qwen2:
+torch's dropout then returns its input and only the softmax output is kept); selective
+recomputation reruns exactly that core attention, so it keeps none. Measured on the CPU
+(tests/unit/test_activation_memory.py, every saved storage of a real local-spec layer): the formula
+with the scores is 61-68% of what the layer keeps, and the rest is, to the byte, kernels the CPU
+does not fuse (RMSNorm's normalised input, the plain SwiGLU's two extra copies, the rotary tables,
+the causal mask, QKV kept whole by the value view without GQA) plus two terms that also apply on a
+GPU (not measured there): SwiGLU keeps fc1's 2 x ffn output and fc2's ffn input (6 ffn / h), where
+the formula's 4 ffn / h (a GeLU MLP's count) covers the first only, and with dropout 0 the
+formula's two residual dropout masks (2 sbh) do not exist. Full recomputation keeps each
 group's input (2 s b h, / TP with SP) plus one group's activations while it is rerun. The first
 stage holds PP micro-batches in flight (x Megatron's interleaving penalty with VPP), the last one
 micro-batch of its layers plus the log-prob buffers: the model output's fp32 [tokens, V/TP] (the
@@ -141,15 +153,31 @@ def trainer_state(parameters: int, dtype: str, data_parallel: int, distributed_o
 # -------------------------------------------------------------------------------- activations
 
 
+def attention_score_bytes(arch: ModelArchitecture, layout: Layout, tokens: int, sequence_length: int,
+                          dtype: str) -> float:
+    """What Megatron's unfused attention keeps per layer for one micro-batch of `tokens` tokens in
+    rows of `sequence_length`: a x s x s x b scores on this rank's a / TP heads, each kept as the
+    softmax output and, with attention dropout, its mask and output (Korthikanti et al. 2022:
+    5 a s / h per sbh at 2-byte activations; 2 a s / h without dropout)."""
+    kept = 5 if arch.attention_dropout > 0 else 2
+    return tokens * sequence_length * arch.num_attention_heads / layout.tensor * _DTYPE_BYTES[dtype] / 2 * kept
+
+
 def layer_activation_bytes(arch: ModelArchitecture, layout: Layout, tokens: int, recompute: str,
-                           recompute_num_layers: int, layers: int, dtype: str) -> float:
+                           recompute_num_layers: int, layers: int, dtype: str, *, flash_attention: bool = True,
+                           sequence_length: int | None = None) -> float:
     """Activations `layers` transformer layers keep for one micro-batch of `tokens` tokens
     (already divided by CP) on one rank: Megatron-LM's per-layer formula, or what full
-    recomputation keeps instead."""
+    recomputation keeps instead. `flash_attention=False` (the unfused attention of the local
+    spec) adds the attention scores of rows of `sequence_length` tokens (default: one row of
+    `tokens`, the most for that many tokens), except under selective recomputation, which reruns
+    them."""
     sbh = tokens * arch.hidden_size * _DTYPE_BYTES[dtype] / 2
     split = 8 + 4 * arch.ffn_hidden_size / arch.hidden_size
     tp = layout.tensor
     per_layer = sbh * (10 + split) / tp if layout.sequence_parallel else sbh * (10 + split / tp)
+    if not flash_attention and recompute != "selective":
+        per_layer += attention_score_bytes(arch, layout, tokens, sequence_length or tokens, dtype)
     if recompute != "full":
         return layers * per_layer
     group = min(recompute_num_layers, layers)
@@ -158,16 +186,19 @@ def layer_activation_bytes(arch: ModelArchitecture, layout: Layout, tokens: int,
 
 
 def activation_bytes(arch: ModelArchitecture, layout: Layout, tokens: int, micro_batches: int, recompute: str,
-                     recompute_num_layers: int, dtype: str, stage: int) -> float:
+                     recompute_num_layers: int, dtype: str, stage: int, *, flash_attention: bool = True,
+                     sequence_length: int | None = None) -> float:
     """Activations stage `stage` holds at its peak: the 1F1B schedule keeps min(PP - stage,
     micro-batches) micro-batches in flight (Megatron's interleaving penalty with VPP, counted on
-    every stage), each with the stage's layers; the first stage also the embedding's output."""
+    every stage), each with the stage's layers; the first stage also the embedding's output.
+    `flash_attention` and `sequence_length` as for `layer_activation_bytes`."""
     pp, chunks = layout.pipeline, layout.virtual_pipeline or 1
     in_flight = min(pp - stage, micro_batches)
     if chunks > 1:
         in_flight = pp * (1 + (pp - 1) / (pp * chunks))
     layers = arch.num_layers // pp
-    total = in_flight * layer_activation_bytes(arch, layout, tokens, recompute, recompute_num_layers, layers, dtype)
+    total = in_flight * layer_activation_bytes(arch, layout, tokens, recompute, recompute_num_layers, layers, dtype,
+                                               flash_attention=flash_attention, sequence_length=sequence_length)
     if stage == 0:  # token ids (8 B) and the embedding's output, per micro-batch in flight
         total += in_flight * tokens * (8 + arch.hidden_size * _DTYPE_BYTES[dtype] / 2) / layout.tensor
     return total
@@ -269,16 +300,19 @@ def tokens_per_micro_batch(cfg: RiftConfig, prompt_tokens: int = DEFAULT_PROMPT_
 
 
 def estimate(cfg: RiftConfig, arch: ModelArchitecture, world_size: int, gpu_memory_gib: float = H100_80GB_GIB,
-             prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> MemoryEstimate:
+             prompt_tokens: int = DEFAULT_PROMPT_TOKENS, *, flash_attention: bool = True) -> MemoryEstimate:
     """Both phases' per-GPU figures of `cfg` on `world_size` GPUs of `gpu_memory_gib` each, on CUDA
     (offload switches left null count as on, their CUDA default). The most loaded pipeline stage
-    decides each phase."""
+    decides each phase. `flash_attention=False`: Megatron's unfused attention (the local layer
+    spec, without Transformer Engine) keeps each layer's attention scores, for rows of one sample
+    (of the packing budget when packing)."""
     layout = layout_of(cfg, world_size)
     dtype, t = cfg.model.dtype, cfg.training
     tokens = -(-tokens_per_micro_batch(cfg, prompt_tokens) // layout.context)
     samples_per_rank = t.global_batch_size // layout.data
     micro_batches = max(1, samples_per_rank // t.micro_batch_size) if t.max_tokens_per_micro_batch is None \
         else layout.pipeline  # packing: assume the pipeline is full
+    row = tokens_per_micro_batch(cfg, prompt_tokens) // (1 if t.max_tokens_per_micro_batch else t.micro_batch_size)
     gpu, reserve = int(gpu_memory_gib * GIB), int(CUDA_RESERVE_GIB * GIB)
     r = cfg.rollout
     engine_bytes = _ENGINE_DTYPE_BYTES.get(r.engine_dtype, _DTYPE_BYTES[dtype])
@@ -292,7 +326,7 @@ def estimate(cfg: RiftConfig, arch: ModelArchitecture, world_size: int, gpu_memo
         state = trainer_state(stage_parameters(arch, layout, stage), dtype, layout.data,
                               cfg.optim.use_distributed_optimizer)
         acts = int(activation_bytes(arch, layout, tokens, micro_batches, t.recompute, t.recompute_num_layers,
-                                    dtype, stage))
+                                    dtype, stage, flash_attention=flash_attention, sequence_length=row))
         logits = logprob_buffer_bytes(arch, layout, tokens, dtype) if stage == layout.pipeline - 1 else 0
         kept = {"weights": r.param_offload, "grads": r.grad_offload, "optimizer": r.optimizer_offload}
         resident = sum(getattr(state, part) for part, switch in kept.items() if switch is False)
@@ -315,7 +349,8 @@ def estimate(cfg: RiftConfig, arch: ModelArchitecture, world_size: int, gpu_memo
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m rift_megatron.memory_model CONFIG --world N [--gpu-memory GIB] [--hf-config FILE]`."""
+    """`python -m rift_megatron.memory_model CONFIG --world N [--gpu-memory GIB] [--hf-config FILE]
+    [--prompt-tokens N] [--unfused-attention]`."""
     from rift_megatron.config import ConfigError, load_config
     from rift_megatron.models.hf_config import ModelConfigError, load_hf_config
 
@@ -326,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-config", help="the model's config.json (default: model.hf_dir's)")
     parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
                         help="prompt length when rollout.max_model_len is null")
+    parser.add_argument("--unfused-attention", action="store_true",
+                        help="Megatron's unfused attention (local layer spec, no Transformer Engine): count the scores")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config)
@@ -338,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --world {args.world} is not a positive multiple of parallel.tensor x pipeline x context "
               f"= {replica}", file=sys.stderr)
         return 2
-    print(estimate(cfg, arch, args.world, args.gpu_memory, args.prompt_tokens).report())
+    print(estimate(cfg, arch, args.world, args.gpu_memory, args.prompt_tokens,
+                   flash_attention=not args.unfused_attention).report())
     return 0
 
 

@@ -29,7 +29,7 @@ from rift_megatron.training.offload import OffloadParts, TrainerOffload
 from rift_megatron.training.setup import OptimConfig, build_model_chunks, setup_training
 from rift_megatron.training.step import micro_batches_of, prepare_batch, train_step
 from rift_megatron.models.performance import OverlapRequest
-from rift_megatron.models.provider import GPTModelProvider
+from rift_megatron.models.provider import GPTModelProvider, PrecisionConfig
 from tests.synthetic_batch import mixed_reward_batch
 
 GLOBAL_BATCH = 8
@@ -57,6 +57,7 @@ def train_run(spec: dict, run: dict, work: Path) -> None:
         architecture(spec),
         layout,
         OptimConfig(lr=LR, use_distributed_optimizer=run.get("distributed_optimizer", True)),
+        PrecisionConfig(run.get("dtype", "fp32")),
         total_steps=spec["steps"],
         initial_weights=work / "init",
         overlap=OverlapRequest(**run.get("overlap", {})),
@@ -94,16 +95,34 @@ def train_run(spec: dict, run: dict, work: Path) -> None:
     if capture and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
         torch.save(grads, work / f"{run['name']}.grads.pp{ps.get_pipeline_model_parallel_rank()}.pt")
     stale = _stale_weights(state)  # first: unwrapped_chunks() completes a deferred parameter gather
-    # Each rank's parameter count (its TP shard of its stage's chunks), for the memory model's test.
+    # What each rank holds, for the memory model's tests: its parameter count (its TP shard of its
+    # stage's chunks) and the bytes of its resident training state.
     counts = [None] * dist.get_world_size()
-    local = sum(param.numel() for chunk in state.unwrapped_chunks() for param in chunk.parameters())
-    dist.all_gather_object(counts, [ps.get_pipeline_model_parallel_rank(), local])
+    dist.all_gather_object(counts, resident_state(state))
     save_model_checkpoint(state.unwrapped_chunks(), work / run["name"])
     if dist.get_rank() == 0:
-        report = {"dp": dp_size, "history": history, "stage_parameters": counts, "stale_before_sync": stale,
+        report = {"dp": dp_size, "history": history, "ranks": counts, "stale_before_sync": stale,
                   "micro_batches": per_rank, "overlap": [state.provider.options.overlap_grad_reduce, state.provider.options.overlap_param_gather]}
         (work / f"{run['name']}.json").write_text(json.dumps(report))
     destroy_model_parallel()
+
+
+def resident_state(state) -> dict:
+    """This rank's pipeline stage and parameter count, the bytes of each part of its training state
+    after the steps (the storages TrainerOffload releases: parameter buffer, fp32 gradient buffer,
+    optimizer state), and what bounds Megatron's padding of them: the number of parameter tensors
+    (each starts at a multiple of 64 elements) and of buckets (each ends at a multiple of lcm(DP,
+    128)), both only with the distributed optimizer."""
+    from megatron.core import parallel_state as ps
+
+    storages = TrainerOffload(state, OffloadParts()).storages()
+    chunks = state.unwrapped_chunks()
+    return {"stage": ps.get_pipeline_model_parallel_rank(),
+            "parameters": sum(param.numel() for chunk in chunks for param in chunk.parameters()),
+            "bytes": {part: sum(s.nbytes() for s in parts) for part, parts in storages.items()},
+            "tensors": sum(1 for chunk in chunks for _ in chunk.parameters()),
+            "buckets": sum(len(buffer.buckets) for chunk in state.model
+                           for buffer in chunk.buffers + chunk.expert_parallel_buffers)}
 
 
 def _stale_weights(state) -> float:
