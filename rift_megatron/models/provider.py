@@ -69,7 +69,7 @@ class RecomputeConfig:
     selective: recompute the core attention (softmax(QK^T)V) in the backward pass instead of
     storing it; full: store only the input of `num_layers` transformer layers per group
     (`method` uniform) or of the first `num_layers` layers of each stage (`method` block) and rerun
-    them. The math is unchanged (tests/unit/test_recompute.py).
+    them. The math is unchanged (tests/unit/test_performance_options.py::test_recompute_trains_exactly_like_no_recompute).
     """
 
     granularity: str = "none"
