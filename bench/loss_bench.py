@@ -38,7 +38,9 @@ Run (from the repository root):
     PYTHONPATH=. python bench/loss_bench.py --quick       # 1 x 128 tokens: smoke test of the script
     PYTHONPATH=. python bench/loss_bench.py --json out.json
 
-`measure(...)` returns the two ratios and the baseline's details for a suite runner.
+`measure(...)` returns the two ratios and the baseline's details; `suite_rows(quick)` gives the
+suite's (`bench/run.py`) `loss_time` and `loss_memory` rows, with a profile split of one run of each
+loss where a target is missed.
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ from typing import Any, Iterator
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+
+from suite import describe_split, profile_split, row  # noqa: E402
 
 MEMORY_TARGET = 1.1  # RIFT / Megatron peak allocated bytes, at most
 TIME_TARGET = 1.15  # RIFT / Megatron median seconds, at most
@@ -212,6 +217,39 @@ def measure(batch: int, seq: int, vocab: int, repeats: int) -> dict[str, Any]:
         "losses": details,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def suite_rows(quick: bool = False) -> dict[str, dict]:
+    """The suite's `loss_time` and `loss_memory` rows (run.py holds the targets). A profile split
+    of one run of each loss is measured only when this run's ratios miss the targets, as the cause."""
+    size = QUICK if quick else FULL
+    result = measure(**size)
+    if result["loss_time"] > TIME_TARGET:
+        result["profile"] = measure_profiles(size)
+    base, rift = result["losses"]["megatron"], result["losses"]["rift"]
+    time_cause = memory_cause = None
+    if result["loss_time"] > TIME_TARGET:
+        time_cause = (f"fastest runs {rift['best_s']:.3f} s vs {base['best_s']:.3f} s (median CPU-second ratio "
+                      f"{result['loss_cpu_time']:.3f}); {describe_split('rift', result['profile']['rift'])}; "
+                      f"{describe_split('megatron', result['profile']['megatron'])}")
+    if result["loss_memory"] > MEMORY_TARGET:
+        memory_cause = (f"peak {rift['peak_in_fp32_logits']:.2f} vs {base['peak_in_fp32_logits']:.2f} fp32 logits; "
+                        f"logits-sized allocations {rift['fp32_logits_sized_allocations']} vs "
+                        f"{base['fp32_logits_sized_allocations']}")
+    shape = f"{size['batch']} x {size['seq']} tokens, vocabulary {size['vocab']}"
+    note = f"--quick: {shape} (the full run: {FULL['batch']} x {FULL['seq']})" if quick else None
+    return {"loss_time": row(result["loss_time"], result, time_cause, note),
+            "loss_memory": row(result["loss_memory"], {"shape": result["shape"], "losses": {
+                name: {k: v for k, v in d.items() if k != "wall_s"} for name, d in result["losses"].items()}},
+                memory_cause, note)}
+
+
+def measure_profiles(size: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
+    """The profile split of one run of `rift` and of `megatron` on the same case as `measure`."""
+    output, micro = make_case(size["batch"], size["seq"], size["vocab"])
+    with megatron_world() as tp_group:
+        losses = loss_functions(micro, size["vocab"], tp_group)
+        return {name: profile_split(_chain(output, losses[name])) for name in ("rift", "megatron")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
