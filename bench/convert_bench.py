@@ -647,7 +647,7 @@ def suite_rows(quick: bool = False) -> dict[str, dict]:
     slow = min(rows.values(), key=lambda r: r["throughput_ratio_vs_raw_copy"])
     big = max(rows.values(), key=lambda r: r["peak_rss_ratio"])
     time_split = "; ".join(
-        f"{r['direction']} {r['seconds']:.1f} s wall ({r['cpu_seconds']:.1f} CPU s, of which the import-only process "
+        f"{r['direction']} {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} CPU s (importing alone: "
         f"{imports['seconds']:.1f} s wall) vs its copy {r['bytes'] / r['raw_copy_bytes_per_second']:.1f} s"
         for r in rows.values())
     memory_split = "; ".join(

@@ -43,6 +43,8 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 DEFAULT_RESULTS = BENCH / "RESULTS.md"
+README = REPO / "README.md"
+QUOTE_BEGIN, QUOTE_END = "<!-- RESULTS:BEGIN (copied from bench/RESULTS.md) -->", "<!-- RESULTS:END -->"
 sys.path.insert(0, str(BENCH))
 
 from suite import busy_seconds  # noqa: E402
@@ -219,21 +221,32 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 print(f"  {row['name']} {key}: {row[key]}")
 
 
+def results_table(report: dict[str, Any]) -> list[str]:
+    """The command, date, commit and the table: RESULTS.md's head, which README.md quotes."""
+    m = report["machine"]
+    command = "python bench/run.py" + (" --quick" if report["quick"] else "") + (
+        " --only " + " ".join(report["only"]) if report["only"] else "")
+    kind = " (a `--quick` run: smaller sizes, a smoke run, not the measurement)" if report["quick"] else ""
+    lines = [
+        f"Command: `{command}`{kind}, {m['date']}, code at commit `{m['commit']}`"
+        + (" (with uncommitted changes)" if m["uncommitted_changes"] else "") + f", {report['seconds'] / 60:.1f} min, "
+        f"load average {report['load_start']:.1f} at the start and {report['load_end']:.1f} at the end on "
+        f"{m['cores']} cores.", "",
+        "| row | ratio | target | result | baseline |", "| --- | --- | --- | --- | --- |",
+    ]
+    return lines + [f"| `{r['name']}` | {_ratio(r)} | {r['target']} | {verdict(r)} | {r['baseline']} |"
+                    for r in report["rows"]]
+
+
 def results_markdown(report: dict[str, Any]) -> str:
     """bench/RESULTS.md: the table, what limits each missed target, and the machine."""
     m = report["machine"]
-    kind = "a `--quick` run: smaller sizes, a smoke run, not the measurement" if report["quick"] else "a full run"
-    command = "python bench/run.py" + (" --quick" if report["quick"] else "") + (
-        " --only " + " ".join(report["only"]) if report["only"] else "")
     lines = [
         "# Benchmark results", "",
-        f"Written by `bench/run.py` ({kind}); the method of each row is in bench/README.md. Every ratio's "
-        "baseline was measured in the same run on the same machine.", "",
-        f"Command: `{command}`, {m['date']}, code at commit `{m['commit']}`"
-        + (" (with uncommitted changes)" if m["uncommitted_changes"] else "") + f", {report['seconds'] / 60:.1f} min.", "",
-        "| row | ratio | target | result | baseline |", "| --- | --- | --- | --- | --- |",
+        "Written by `bench/run.py`; the method of each row is in bench/README.md. Every ratio's baseline was "
+        "measured in the same run on the same machine.", "",
+        *results_table(report),
     ]
-    lines += [f"| `{r['name']}` | {_ratio(r)} | {r['target']} | {verdict(r)} | {r['baseline']} |" for r in report["rows"]]
     explained = [r for r in report["rows"] if r.get("cause") or r.get("note")]
     if explained:
         lines += ["", "Where a target is missed, the cause measured in the same run; notes on sizes:", ""]
@@ -254,6 +267,16 @@ def results_markdown(report: dict[str, Any]) -> str:
                   "wall-clock ratios there carry their noise (the CPU-second and best-run cross-checks are in the "
                   "JSON details)."]
     return "\n".join(lines) + "\n"
+
+
+def quote_in_readme(table: list[str], readme: Path = README) -> None:
+    """Replace what README.md quotes between its RESULTS markers with the published table, so the
+    README never shows other numbers than bench/RESULTS.md."""
+    text = readme.read_text()
+    begin, end = text.index(QUOTE_BEGIN) + len(QUOTE_BEGIN), text.index(QUOTE_END)
+    quote = "\n".join(["", *table, "", "Causes of missed targets, notes and the machine: "
+                        "[bench/RESULTS.md](bench/RESULTS.md).", ""])
+    readme.write_text(text[:begin] + quote + text[end:])
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -310,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(results_markdown(report))
         print(f"wrote {results_path}")
+        if results_path.resolve() == DEFAULT_RESULTS:
+            quote_in_readme(results_table(report))
+            print(f"quoted its table in {README.relative_to(REPO)}")
     if args.json:
         machine = dict(report["machine"], load_start=report["load_start"], load_end=report["load_end"],
                        quick=args.quick, seconds=report["seconds"], parts=report["parts"])
