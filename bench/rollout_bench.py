@@ -47,7 +47,9 @@ What one run does (everything under --work-dir, deleted at the end unless --keep
    bytes). With one rank there is no TP all-gather and no PP broadcast: the measured cost is
    naming/splitting (`hf_weights`), vLLM's `reload_weights` (incl. the CPU repacking of linear
    weights) and the prefix-cache reset. A breakdown of those parts is printed as well
-   (`--profile-sync` adds a cProfile of one push).
+   (`--profile-sync` adds a cProfile of one push). A second baseline, interleaved with the
+   others: vLLM's own `reload_weights` of the same materialised tensors, called on the worker
+   directly (issue 17's `push_overhead` = push / that; the floor of any push through it).
 
 The machine is shared: before every timed measurement the script waits (up to --idle-wait s)
 until other processes use < --idle-threshold CPUs over a 1 s window (read from /proc/stat minus
@@ -99,9 +101,9 @@ MIN_PARAMS_FOR_TARGETS = 20e6
 MIN_TOKENS_FOR_TARGETS = 128
 
 FULL = dict(hidden=512, layers=8, heads=8, kv_heads=4, ffn=1408, vocab=8000,
-            prompts=16, k=4, max_tokens=128, reps=5, sync_reps=7)
+            prompts=16, k=4, max_tokens=128, reps=5, sync_reps=20)
 QUICK = dict(hidden=128, layers=2, heads=4, kv_heads=2, ffn=256, vocab=1000,
-             prompts=4, k=2, max_tokens=16, reps=1, sync_reps=2)
+             prompts=4, k=2, max_tokens=16, reps=1, sync_reps=3)
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "qu", "dor", "len", "ith", "ost",
               "ber", "cal", "dun", "fim", "gor", "hal", "jin", "kel", "mur", "nax", "pol", "rin", "sul",
@@ -110,10 +112,10 @@ _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "qu", 
 
 class Machine:
     """Measures how many CPUs OTHER processes kept busy (this machine is shared), and waits for
-    a quiet moment before each timed measurement (up to `wait_s`)."""
+    a quiet moment before each timed measurement (up to `wait_s` each, and `budget_s` in all)."""
 
-    def __init__(self, wait_s: float, threshold: float) -> None:
-        self.wait_s, self.threshold = wait_s, threshold
+    def __init__(self, wait_s: float, threshold: float, budget_s: float = float("inf")) -> None:
+        self.wait_s, self.threshold, self.budget_s = wait_s, threshold, budget_s
         self.waited_s = 0.0
 
     def foreign_cpus(self, window: float = 1.0) -> float:
@@ -126,7 +128,8 @@ class Machine:
         returns the last reading."""
         start = time.perf_counter()
         reading = self.foreign_cpus()
-        while reading >= self.threshold and time.perf_counter() - start < self.wait_s:
+        limit = min(self.wait_s, max(0.0, self.budget_s - self.waited_s))
+        while reading >= self.threshold and time.perf_counter() - start < limit:
             reading = self.foreign_cpus()
         self.waited_s += time.perf_counter() - start
         return reading
@@ -349,7 +352,17 @@ def measure_throughput(engine, model_dir, prompts, k, max_tokens, reps, seed, eo
 
 
 def measure_sync(engine, state, arch, reps: int, vocab: int, machine, profile: bool) -> dict:
-    from rift_megatron.rollout.weight_sync import WeightSyncError, check_mismatch, hf_weights, probe_mismatch, push_weights
+    from rift_megatron.rollout.shard_push import Traffic
+    from rift_megatron.rollout.weight_sync import (
+        WeightSyncError,
+        buckets,
+        check_mismatch,
+        engine_weights,
+        hf_weights,
+        probe_mismatch,
+        push_path,
+        push_weights,
+    )
     from rift_megatron.training.forward import sequence_logprobs
 
     def check_engine_matches(engine, trainer_lp, probe, atol: float) -> float:
@@ -392,27 +405,37 @@ def measure_sync(engine, state, arch, reps: int, vocab: int, machine, profile: b
 
     copy_all()
     reload_only()
-    # Interleaved: push, copy, vLLM's reload alone, then the push's parts one by one (the same
-    # calls push_weights makes), so load from other processes hits all of them alike.
+    path = push_path("auto", engine.config.tensor_parallel_size)
+
+    def clocked(fn) -> dict:
+        cpu, wall = time.process_time(), time.perf_counter()
+        fn()
+        return {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+    # Interleaved, back to back: push, copy, vLLM's reload alone, then the push's parts one by one
+    # (the calls push_weights makes), so load from other processes hits all of them alike. These
+    # take milliseconds: no quiet-moment reading between them (a 1 s sleep before each made the
+    # medians of 7 scatter by 40%); one wait before the block, and the CPUs others used over it.
+    machine.wait_until_quiet()
+    busy, own, started = busy_seconds(), time.process_time(), time.perf_counter()
     pushes, copies, reloads, breakdown = [], [], [], {}
     for _ in range(reps):
-        run, _stats = machine.timed(lambda: push_weights(engine, chunks, arch))
-        pushes.append(run)
-        copies.append(machine.timed(copy_all)[0])
-        reloads.append(machine.timed(reload_only)[0])
-        machine.wait_until_quiet()
-        parts = {}
+        pushes.append(clocked(lambda: push_weights(engine, chunks, arch)))
+        copies.append(clocked(copy_all))
+        reloads.append(clocked(reload_only))
         t0 = time.perf_counter()
-        weights = list(hf_weights(chunks, arch))
+        weights = list(engine_weights(chunks, arch, path, Traffic()))
         t1 = time.perf_counter()
-        engine.load_weights(weights)
+        for bucket in buckets(iter(weights), 256 * 2**20):
+            engine.load_weights(bucket)
         t2 = time.perf_counter()
         engine.reset_prefix_cache()
         t3 = time.perf_counter()
-        parts = {"hf_weights_s": t1 - t0, "load_weights_s": t2 - t1, "reset_prefix_cache_s": t3 - t2}
+        parts = {"engine_weights_s": t1 - t0, "load_weights_s": t2 - t1, "reset_prefix_cache_s": t3 - t2}
         del weights
         for key, value in parts.items():
             breakdown.setdefault(key, []).append(value)
+    foreign = max(0.0, (busy_seconds() - busy - (time.process_time() - own)) / (time.perf_counter() - started))
     breakdown = {key: statistics.median(values) for key, values in breakdown.items()}
 
     top = None
@@ -443,7 +466,7 @@ def measure_sync(engine, state, arch, reps: int, vocab: int, machine, profile: b
         "copy_gb_per_s": nbytes / median_copy / 1e9, "push_gb_per_s": nbytes / median_push / 1e9,
         "ratio": median_push / median_copy, "ratio_best": best_push / best_copy,
         "ratio_cpu": statistics.median(r["cpu_s"] for r in pushes) / max(statistics.median(r["cpu_s"] for r in copies), 1e-9),
-        "median_foreign_cpus_before": statistics.median(r["foreign_cpus_before"] for r in pushes + copies + reloads),
+        "foreign_cpus": foreign, "path": path,
         "breakdown_median_s": breakdown, "profile_top_tottime": top,
         "stale_weights_detected_before_push": stale_detected, "stale_diff": stale_diff,
         "engine_vs_trainer_max_abs_logprob_diff_after_push": match_diff,
@@ -547,25 +570,28 @@ def measure(size: dict, seed: int = 0, only: str | None = None, eos_tries: int =
     # during each measurement where it is long enough to tell (>= 0.5 s), else in the 1 s just before it
     foreign = [r["foreign_cpus"] if r["foreign_cpus"] is not None else r["foreign_cpus_before"]
                for d in ([tp[n] for n in ("ours", "raw_vllm", "transformers")] if tp else []) for r in d["runs"]]
-    foreign += [r["foreign_cpus_before"] for r in sync["pushes"] + sync["copies"] + sync["reloads"]] if sync else []
+    foreign += [sync["foreign_cpus"]] if sync else []
     report["max_foreign_cpus"] = max(foreign, default=0.0)
     return report
 
 
 def suite_rows(quick: bool = False) -> dict[str, dict]:
     """The suite's rollout rows (`rollout_vs_vllm`, `rollout_vs_hf`, `push_overhead`,
-    `push_vs_memcpy`) from one `measure` in this process, without waiting for quiet moments (the
-    CPUs others used are recorded in each row instead). The cause of a missed target is the split
+    `push_vs_memcpy`) from one `measure` in this process. It waits for quiet moments as the CLI
+    does but for at most 30 s before a measurement and 300 s in all (the suite has a time budget;
+    the CPUs others used are recorded in each row). The cause of a missed target is the split
     this script measures, given with every row (run.py shows it where the target is missed):
     CPU-second and per-repetition ratios for throughput, the push's parts against vLLM's own reload
     and a memcpy for the push."""
-    report = measure(dict(QUICK if quick else FULL), quick=quick)
+    report = measure(dict(QUICK if quick else FULL), quick=quick,
+                     machine=Machine(wait_s=30.0, threshold=0.3, budget_s=60.0 if quick else 300.0))
     tp, sync = report["throughput"], report["sync"]
     meaningful = all(t["meaningful"] for t in report["targets"].values())
     note = None if meaningful else (
         f"not meaningful at this size ({report['model']['parameters'] / 1e6:.2f}M parameters, "
         f"{report['settings']['max_tokens']} tokens; targets need >= 20M and 128): fixed per-call costs dominate")
-    others = f"others used up to {report['max_foreign_cpus']:.2f} CPUs during the runs"
+    others = (f"others used up to {report['max_foreign_cpus']:.2f} CPUs during the runs (waited "
+              f"{report['idle_waited_s']:.0f} s for quiet moments)")
     throughput = {name: {k: tp[name][k] for k in ("median_s", "tokens_per_s", "best_tokens_per_s", "tokens_per_cpu_s",
                                                    "median_foreign_cpus")} for name in ("ours", "raw_vllm", "transformers")}
     throughput.update(parameters=report["model"]["parameters"], expected_tokens=tp["expected_tokens"],
@@ -580,7 +606,8 @@ def suite_rows(quick: bool = False) -> dict[str, dict]:
         rows[name] = row(tp[key], dict(throughput, best=tp[key + "_best"], cpu=tp[key + "_cpu"],
                                        per_rep=tp[key + "_per_rep"]), cause, note)
     parts = sync["breakdown_median_s"]
-    split = (f"push {sync['push_median_s'] * 1e3:.1f} ms; its parts timed alone: hf_weights {parts['hf_weights_s'] * 1e3:.1f} ms, "
+    split = (f"push {sync['push_median_s'] * 1e3:.1f} ms; its parts timed alone: engine_weights "
+             f"{parts['engine_weights_s'] * 1e3:.1f} ms, "
              f"engine.load_weights {parts['load_weights_s'] * 1e3:.1f} ms, reset_prefix_cache "
              f"{parts['reset_prefix_cache_s'] * 1e3:.1f} ms; vLLM reload_weights alone {sync['reload_median_s'] * 1e3:.1f} ms,"
              f" memcpy {sync['copy_median_s'] * 1e3:.2f} ms; {others}")
@@ -649,7 +676,8 @@ def main(argv=None) -> int:
         print(f"sync: {sync['bytes'] / 2**20:.1f} MiB in {sync['tensors']} HF tensors, {sync['buckets']} bucket(s); "
               f"push_weights median {sync['push_median_s'] * 1e3:.1f} ms, copy_ median {sync['copy_median_s'] * 1e3:.2f} ms "
               f"({sync['copy_gb_per_s']:.1f} GB/s)")
-        print(f"  push parts (median): hf_weights {b['hf_weights_s'] * 1e3:.1f} ms, engine.load_weights (vLLM reload_weights) "
+        print(f"  push parts (median): engine_weights ({sync['path']} path) {b['engine_weights_s'] * 1e3:.1f} ms, "
+              f"engine.load_weights (our RPC into vLLM's reload_weights) "
               f"{b['load_weights_s'] * 1e3:.1f} ms, reset_prefix_cache {b['reset_prefix_cache_s'] * 1e3:.1f} ms")
         print(f"  engine vs trainer logprobs after the push: max abs diff "
               f"{sync['engine_vs_trainer_max_abs_logprob_diff_after_push']:.2e} (stale weights detected before it: "
@@ -661,8 +689,8 @@ def main(argv=None) -> int:
               f"[best: {sync['ratio_best']:.2f}, CPU time: {sync['ratio_cpu']:.2f}]")
         if sync["profile_top_tottime"]:
             print(sync["profile_top_tottime"])
-    print(f"other processes used up to {report['max_foreign_cpus']:.2f} CPUs during (or, for the short sync "
-          f"measurements, in the second before) a timed measurement "
+    print(f"other processes used up to {report['max_foreign_cpus']:.2f} CPUs during a timed measurement (for the "
+          f"short sync measurements: over their whole interleaved block) "
           f"(waited {machine.waited_s:.0f} s for quiet moments); load average {report['load_average']['start']:.1f} "
           f"at start, {report['load_average']['end']:.1f} at end")
     if report["max_foreign_cpus"] > 0.5:

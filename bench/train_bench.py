@@ -283,7 +283,10 @@ def suite_rows(quick: bool = False) -> dict[str, dict]:
         "train_throughput": row(m["ratio"], m, cause, note),
         "train_mfu": row(m["mfu"], {k: m[k] for k in ("achieved_flops_per_s", "gemm_flops_per_s", "gemm_size", "step_flops",
                                                       "transformers_mfu", "median_mfu", "torch_threads", "dtype")},
-                         note=note),
+                         f"rift step {m['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s (model FLOPs "
+                         f"{m['step_flops']['total'] / 1e9:.0f} G per step), {GEMM_SIZE}^2 fp32 GEMM "
+                         f"{max(m['gemm_flops_per_s']) / 1e9:.1f} GFLOP/s; transformers step "
+                         f"{m['transformers_flops_per_s'] / 1e9:.1f} GFLOP/s (MFU {m['transformers_mfu']:.3f})", note),
     }
 
 

@@ -89,3 +89,13 @@ def test_targets_and_missed_rows():
     part["rows"]["packing"]["ratio"] = 0.9
     met = run.assemble(specs["packing"], part)
     assert met["pass"] is True and met["cause"] is None and met["details"]["split"] == "padding 40%"
+
+
+def test_readme_quotes_the_published_results():
+    run = _driver()
+    readme = (REPO_ROOT / "README.md").read_text()
+    quote = readme[readme.index(run.QUOTE_BEGIN) + len(run.QUOTE_BEGIN):readme.index(run.QUOTE_END)]
+    quoted = [line for line in quote.splitlines() if line.startswith(("|", "Command:"))]
+    published = (REPO_ROOT / "bench" / "RESULTS.md").read_text().splitlines()
+    assert len(quoted) == 2 + 1 + len(run.ROWS), quoted  # header, rule, command, one line per row
+    assert [line for line in published if line.startswith(("|", "Command:"))] == quoted
