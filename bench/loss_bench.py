@@ -273,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shape {size['batch']} x {size['seq']} x vocab {size['vocab']}, bf16 output -> fp32 upcast -> loss "
           f"-> backward; {size['repeats']} repeats, {result['torch_threads']} torch threads")
     print(f"{'loss':<10} {'peak GiB':>9} {'x fp32 logits':>14} {'median s':>9} {'best s':>7} {'cpu s':>7}")
-    for name, row in result["losses"].items():
-        print(f"{name:<10} {row['peak_bytes'] / 2**30:>9.3f} {row['peak_in_fp32_logits']:>14.3f} "
-              f"{row['median_s']:>9.3f} {row['best_s']:>7.3f} {row['median_cpu_s']:>7.3f}")
+    for name, loss in result["losses"].items():
+        print(f"{name:<10} {loss['peak_bytes'] / 2**30:>9.3f} {loss['peak_in_fp32_logits']:>14.3f} "
+              f"{loss['median_s']:>9.3f} {loss['best_s']:>7.3f} {loss['median_cpu_s']:>7.3f}")
     for key, target in result["targets"].items():
         verdict = "PASS" if result[key] <= target else "FAIL"
         print(f"{key:<12} {result[key]:.3f} (target <= {target}) {verdict}")

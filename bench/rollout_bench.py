@@ -252,9 +252,9 @@ def hf_generate_inputs(prompts, pad_id):
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
+    for index, p in enumerate(prompts):
+        ids[index, width - len(p):] = torch.tensor(p)
+        mask[index, width - len(p):] = 1
     return ids, mask
 
 

@@ -116,7 +116,10 @@ def machine_info() -> dict[str, Any]:
                   if line.startswith("MemTotal"))
 
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        except OSError:  # no git here
+            return "unknown"
         return done.stdout.strip() if done.returncode == 0 else "unknown"
 
     return {

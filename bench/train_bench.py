@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -191,6 +192,24 @@ def step_flops(shape: dict, tokens: int, seq: int) -> dict[str, float]:
     return {"matmul_parameters": matmul_params, "dense": dense, "attention": attention, "total": dense + attention}
 
 
+def copy_split(fn, sizes: dict[str, int]) -> dict[str, dict[str, float]]:
+    """The `aten::copy_` calls of one call of `fn` whose tensors have one of `sizes` elements:
+    count and self CPU seconds per label (e.g. logits-sized, parameter-sized), and all copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    split = {label: {"calls": 0, "self_s": 0.0} for label in [*sizes, "all"]}
+    for event in prof.key_averages(group_by_input_shape=True):
+        if event.key != "aten::copy_":
+            continue
+        numel = math.prod(event.input_shapes[0]) if event.input_shapes and event.input_shapes[0] else 0
+        for label in [label for label, size in sizes.items() if size == numel] + ["all"]:
+            split[label]["calls"] += event.count
+            split[label]["self_s"] += event.self_cpu_time_total / 1e6
+    return split
+
+
 def _timed(fn) -> tuple[float, float, Any]:
     started, cpu = time.perf_counter(), time.process_time()
     result = fn()
@@ -262,6 +281,9 @@ def measure(model: dict, samples: int, length: int, reps: int, seed: int = 0, wo
                                     / statistics.median(g["median_flops_per_s"] for g in gemm))
             if result["ratio"] < TARGET:
                 result["profile"] = {name: profile_split(fn) for name, fn in sides.items()}
+                logits = tokens * state.unwrapped_chunks()[0].output_layer.weight.shape[0]  # padded vocabulary
+                params = sum(p.numel() for chunk in state.unwrapped_chunks() for p in chunk.parameters())
+                result["rift_copies"] = copy_split(sides["rift"], {"logits": logits, "parameters": params})
         finally:
             destroy_model_parallel()
     return result
@@ -276,8 +298,14 @@ def suite_rows(quick: bool = False) -> dict[str, dict]:
         f"{name} {parts['forward_backward']:.3f} s forward + loss + backward, {parts['optimizer']:.3f} s optimizer step"
         for name, parts in split.items())
     if "profile" in m:
+        copies = m["rift_copies"]
         cause += (f"; {describe_split('profile of a rift step', m['profile']['rift'])}; "
-                  f"{describe_split('of a transformers step', m['profile']['transformers'])}")
+                  f"{describe_split('of a transformers step', m['profile']['transformers'])}; the rift step's "
+                  f"copy_ {copies['all']['self_s']:.2f} s: {copies['logits']['calls']} logits-sized "
+                  f"{copies['logits']['self_s']:.2f} s (GPTModel's output layer computes [s, b, v] logits and returns "
+                  f"them transposed and made contiguous: forward and backward), {copies['parameters']['calls']} "
+                  f"parameter-sized {copies['parameters']['self_s']:.2f} s (the distributed optimizer's main and "
+                  "model parameters)")
     note = "--quick: a 2-layer model, 512 tokens per step; the full run's model is the measurement" if quick else None
     return {
         "train_throughput": row(m["ratio"], m, cause, note),
