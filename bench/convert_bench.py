@@ -13,8 +13,9 @@ What one run does (everything under --work-dir, deleted at the end unless --keep
 1. Writes a random-init HF checkpoint (config.json + safetensors shards) tensor by tensor with
    `rift_megatron.convert.safetensors_io`, so this script never holds the model either.
 2. Measures a process that only imports the conversion modules (import-only RSS and time).
-3. For each direction, first reads the input bytes raw (the baseline, same run, same page-cache
-   state), then runs `python -m rift_megatron.cli convert ...` in a subprocess and measures its
+3. For each direction, first copies the input bytes (read + write + fsync: the suite's baseline,
+   issue 17) and reads them raw (issue 3's baseline), same run, same page-cache state, then runs
+   `python -m rift_megatron.cli convert ...` in a subprocess and measures its
    wall time and peak RSS (ru_maxrss via `/usr/bin/time -f %M`, plus every process's VmHWM polled
    from /proc, so multi-process runs are broken down per process).
 4. Optionally checks the HF -> Megatron -> HF round trip is bit-exact, prints a table with
@@ -25,6 +26,9 @@ Run (from the repository root):
     PYTHONPATH=. python bench/convert_bench.py                # Qwen2-1.5B-shaped, ~3.1 GB bf16
     PYTHONPATH=. python bench/convert_bench.py --quick        # ~100M params, smoke test only
     PYTHONPATH=. python bench/convert_bench.py --nproc 2 --json /tmp/convert_bench.json
+
+`measure(...)` returns the report `--json` writes; `suite_rows(quick)` the suite's (`bench/run.py`)
+`convert_vs_copy` and `convert_memory` rows.
 
 Targets are only meaningful at >= 1.5B parameters: on a small model the fixed import overhead
 of torch + Megatron dominates the RSS ratio and start-up time dominates the throughput ratio.
@@ -48,6 +52,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -61,6 +66,7 @@ from rift_megatron.convert.safetensors_io import (  # noqa: E402
     write_index,
 )
 from rift_megatron.models import parse_hf_config  # noqa: E402
+from suite import row  # noqa: E402
 
 THROUGHPUT_TARGET = 0.5  # conversion throughput / raw read throughput, at least
 RSS_TARGET = 0.25  # peak RSS of the largest single process / model bytes, at most
@@ -222,7 +228,8 @@ def raw_read(files: list[Path]) -> dict:
 
 
 def raw_copy(files: list[Path], out_dir: Path, cache: str) -> dict:
-    """Informational ceiling for any converter: read every byte, write it to a new file, fsync.
+    """The ceiling for any converter (the suite's `convert_vs_copy` baseline): read every byte,
+    write it to a new file, fsync.
 
     Conversion must write as many bytes as it reads (and both commands fsync their output), so
     where the disk writes much slower than it reads this, not the raw read, bounds throughput.
@@ -378,7 +385,7 @@ def _downsample(points: list, keep: int) -> list:
 def check_ok(result: dict, what: str) -> None:
     if result["exit_code"] != 0:
         tail = Path(result["log"]).read_text(errors="replace")[-4000:]
-        raise SystemExit(f"{what} failed with exit code {result['exit_code']}:\n{tail}")
+        raise RuntimeError(f"{what} failed with exit code {result['exit_code']}:\n{tail}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,25 +488,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def measure(config_name: str = "qwen2", quick: bool = False, dtype: str = "bf16", shard_size: str = "2GB",
+            nproc: int = 0, cache: str = "warm", work_dir: str | Path | None = None, out_dir: str | Path | None = None,
+            keep: bool = False, verify: bool = True, seed: int = 0, report: dict | None = None) -> dict:
+    """Generate the checkpoint, measure both conversions (and `--nproc`) against their baselines,
+    check the round trip; the report `--json` writes. `report`: a dict to fill as the run goes (so
+    a caller still has what was measured when a step fails)."""
     python = sys.executable
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    made_work_dir = args.work_dir is None
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="rift-convert-bench-", dir="/tmp"))
+    made_work_dir = work_dir is None
+    work = Path(work_dir or tempfile.mkdtemp(prefix="rift-convert-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    out_root = Path(args.out_dir) if args.out_dir else work
+    out_root = Path(out_dir) if out_dir else work
     made_out_dir = not out_root.exists()
     out_root.mkdir(parents=True, exist_ok=True)
     hf_dir, mc_dir, hf2_dir = work / "hf", out_root / "mcore", out_root / "hf_roundtrip"
-    mc_np_dir = out_root / f"mcore_nproc{args.nproc}"
+    mc_np_dir = out_root / f"mcore_nproc{nproc}"
     for stale in (hf_dir, mc_dir, hf2_dir, mc_np_dir):
         if stale.exists():
             shutil.rmtree(stale)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    report: dict = {
+    report = report if report is not None else {}
+    report.update({
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join([Path(python).name, *sys.argv]),
         "machine": {
@@ -509,30 +521,27 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "torch": torch.__version__,
         },
-        "settings": {k: v for k, v in vars(args).items()},
+        "settings": {"config": config_name, "quick": quick, "dtype": dtype, "shard_size": shard_size, "nproc": nproc,
+                     "cache": cache, "work_dir": str(work_dir), "out_dir": str(out_dir), "keep": keep,
+                     "verify": verify, "seed": seed},
         # Wall times are only as good as the machine is quiet: recorded so noisy runs show.
         "load_average_start": os.getloadavg(),
         "targets": {"throughput_ratio_min": THROUGHPUT_TARGET, "peak_rss_ratio_max": RSS_TARGET},
         "work_dir": str(work),
         "out_dir": str(out_root),
-    }
+    })
     try:
-        config = model_config(args.config, args.quick, args.dtype)
+        config = model_config(config_name, quick, dtype)
         print(f"work dir {work}")
-        print(f"writing random-init {config['architectures'][0]} checkpoint ({args.dtype}, shards <= {args.shard_size}) ...",
+        print(f"writing random-init {config['architectures'][0]} checkpoint ({dtype}, shards <= {shard_size}) ...",
               flush=True)
-        model = write_random_checkpoint(hf_dir, config, DTYPES[args.dtype], parse_size(args.shard_size), args.seed)
+        model = write_random_checkpoint(hf_dir, config, DTYPES[dtype], parse_size(shard_size), seed)
         report["model"] = model
         model_bytes = model["model_bytes"]
-        meaningful = model["num_parameters"] >= MIN_PARAMS_FOR_TARGETS
         print(f"  {model['num_parameters'] / 1e9:.3f}B parameters, {_gb(model_bytes)} in {model['num_shards']} "
               f"shard(s), largest tensor {model['largest_tensor']['name']} {_gb(model['largest_tensor']['bytes'])}, "
               f"written in {model['generate_seconds']:.1f}s", flush=True)
         hf_files = sorted(hf_dir.glob("*.safetensors"))
-        copy = raw_copy(hf_files, out_root / "raw_copy", args.cache)
-        report["raw_copy"] = copy
-        print(f"raw copy (read + write + fsync) of the safetensors, informational: {_gb(copy['bytes'])} in "
-              f"{copy['seconds']:.2f}s = {copy['bytes_per_second'] / 1e9:.3f} GB/s", flush=True)
 
         print("import-only process ...", flush=True)
         imports = run_measured(
@@ -540,17 +549,20 @@ def main(argv: list[str] | None = None) -> int:
             env, logs / "import_only.log")
         check_ok(imports, "import-only process")
         report["import_only"] = imports
-        import_rss = imports["peak_rss_bytes"]
-        print(f"  peak RSS {_gb(import_rss)}, {imports['seconds']:.1f}s", flush=True)
+        print(f"  peak RSS {_gb(imports['peak_rss_bytes'])}, {imports['seconds']:.1f}s", flush=True)
 
         cli = [python, "-m", "rift_megatron.cli", "convert"]
         rows = []
 
-        def convert(label: str, cmd: list[str], inputs: list[Path], log_name: str) -> tuple[dict, dict]:
-            base = baseline_read(hf_files, args.cache)
-            print(f"  raw read of the safetensors ({args.cache} cache): {_gb(base['bytes'])} in "
+        def convert(label: str, key: str, cmd: list[str], inputs: list[Path], log_name: str, **extra) -> dict:
+            """The raw copy and the raw read right before the conversion (same page-cache state), then it."""
+            copy = raw_copy(hf_files, out_root / "raw_copy", cache)
+            print(f"  raw copy (read + write + fsync) of the safetensors: {_gb(copy['bytes'])} in "
+                  f"{copy['seconds']:.2f}s = {copy['bytes_per_second'] / 1e9:.3f} GB/s", flush=True)
+            base = baseline_read(hf_files, cache)
+            print(f"  raw read of the safetensors ({cache} cache): {_gb(base['bytes'])} in "
                   f"{base['seconds']:.2f}s = {base['bytes_per_second'] / 1e9:.3f} GB/s", flush=True)
-            if args.cache == "cold":
+            if cache == "cold":
                 evict_from_page_cache(inputs)
             elif inputs != hf_files:
                 raw_read(inputs)  # the conversion's own inputs warm too
@@ -558,26 +570,24 @@ def main(argv: list[str] | None = None) -> int:
             result = run_measured(cmd, env, logs / log_name)
             check_ok(result, label)
             print(f"  {result['seconds']:.1f}s, peak RSS {_gb(result['peak_rss_bytes'])}", flush=True)
-            return base, result
+            report[key] = {"baseline": base, "raw_copy": copy, "conversion": result, **extra}
+            rows.append(summarize(label, result, base, model_bytes, imports, copy, extra.get("input_raw_read")))
+            return result
 
         print("hf-to-mcore (default settings)", flush=True)
-        base, to_mcore = convert("hf-to-mcore", [*cli, "hf-to-mcore", "--hf", str(hf_dir), "--out", str(mc_dir)],
-                                 hf_files, "hf_to_mcore.log")
-        report["hf_to_mcore"] = {"baseline": base, "conversion": to_mcore}
-        rows.append(summarize("hf-to-mcore", to_mcore, base, model_bytes, imports, copy))
+        convert("hf-to-mcore", "hf_to_mcore", [*cli, "hf-to-mcore", "--hf", str(hf_dir), "--out", str(mc_dir)],
+                hf_files, "hf_to_mcore.log")
 
         print("mcore-to-hf (default settings)", flush=True)
         mc_files = sorted(mc_dir.glob("*.distcp"))
-        input_read = baseline_read(mc_files, args.cache)
-        print(f"  raw read of the Megatron checkpoint's .distcp files ({args.cache} cache): "
+        input_read = baseline_read(mc_files, cache)
+        print(f"  raw read of the Megatron checkpoint's .distcp files ({cache} cache): "
               f"{_gb(input_read['bytes'])} in {input_read['seconds']:.2f}s = "
               f"{input_read['bytes_per_second'] / 1e9:.3f} GB/s", flush=True)
-        base, to_hf = convert("mcore-to-hf", [*cli, "mcore-to-hf", "--ckpt", str(mc_dir), "--out", str(hf2_dir)],
-                              mc_files, "mcore_to_hf.log")
-        report["mcore_to_hf"] = {"baseline": base, "input_raw_read": input_read, "conversion": to_hf}
-        rows.append(summarize("mcore-to-hf", to_hf, base, model_bytes, imports, copy, alt_baseline=input_read))
+        convert("mcore-to-hf", "mcore_to_hf", [*cli, "mcore-to-hf", "--ckpt", str(mc_dir), "--out", str(hf2_dir)],
+                mc_files, "mcore_to_hf.log", input_raw_read=input_read)
 
-        if not args.no_verify:
+        if verify:
             started = time.perf_counter()
             check = round_trip_equal(hf_dir, hf2_dir)
             check["seconds"] = time.perf_counter() - started
@@ -589,15 +599,13 @@ def main(argv: list[str] | None = None) -> int:
                       f"mismatched {check['mismatched'][:5]}")
         shutil.rmtree(hf2_dir, ignore_errors=True)
 
-        if args.nproc > 1:
+        if nproc > 1:
             shutil.rmtree(mc_dir, ignore_errors=True)  # free the disk before writing another copy
-            print(f"hf-to-mcore --nproc {args.nproc}", flush=True)
-            base, np_run = convert(
-                f"hf-to-mcore --nproc {args.nproc}",
-                [*cli, "hf-to-mcore", "--hf", str(hf_dir), "--out", str(mc_np_dir), "--nproc", str(args.nproc)],
-                hf_files, f"hf_to_mcore_nproc{args.nproc}.log")
-            report[f"hf_to_mcore_nproc{args.nproc}"] = {"baseline": base, "conversion": np_run}
-            rows.append(summarize(f"hf-to-mcore --nproc {args.nproc}", np_run, base, model_bytes, imports, copy))
+            print(f"hf-to-mcore --nproc {nproc}", flush=True)
+            np_run = convert(
+                f"hf-to-mcore --nproc {nproc}", f"hf_to_mcore_nproc{nproc}",
+                [*cli, "hf-to-mcore", "--hf", str(hf_dir), "--out", str(mc_np_dir), "--nproc", str(nproc)],
+                hf_files, f"hf_to_mcore_nproc{nproc}.log")
             for proc in np_run["processes"]:
                 print(f"    pid {proc['pid']} (parent {proc['parent']}): VmHWM {_gb(proc['vm_hwm_bytes'])}")
             print(f"    sampled peak of the summed RSS of all its processes: "
@@ -605,27 +613,10 @@ def main(argv: list[str] | None = None) -> int:
 
         report["results"] = rows
         report["load_average_end"] = os.getloadavg()
-        report["meaningful"] = meaningful
+        report["meaningful"] = model["num_parameters"] >= MIN_PARAMS_FOR_TARGETS
         report["all_pass"] = all(r["throughput_pass"] and r["rss_pass"] for r in rows)
-        print()
-        print(f"{model['architecture']} {model['num_parameters'] / 1e9:.3f}B params, {args.dtype}, model "
-              f"{_gb(model_bytes)}, largest tensor {_gb(model['largest_tensor']['bytes'])}, cache {args.cache}, "
-              f"raw read = readinto 64 MiB blocks of every shard file, outputs in {out_root}")
-        print_table(rows, meaningful)
-        print(f"informational: mcore-to-hf vs a raw read of its own input (.distcp files): ratio "
-              f"{rows[1]['throughput_ratio_vs_input_read']:.3f}; vs a raw copy (read + write + fsync, "
-              f"{copy['bytes_per_second'] / 1e9:.3f} GB/s): "
-              + ", ".join(f"{r['direction']} {r['throughput_ratio_vs_raw_copy']:.3f}" for r in rows))
-        print(f"import-only process: peak RSS {_gb(import_rss)}, {imports['seconds']:.1f}s wall "
-              "(included in every conversion's peak RSS and seconds)")
-        print("load average (1 min) at start / end: "
-              f"{report['load_average_start'][0]:.1f} / {report['load_average_end'][0]:.1f} on {os.cpu_count()} CPUs"
-              " (wall-time ratios are unreliable when it exceeds the CPU count)")
     finally:
-        if args.json:
-            Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
-            print(f"wrote {args.json}")
-        if args.keep:
+        if keep:
             print(f"kept {work}")
         else:
             for path in (mc_dir, hf2_dir, mc_np_dir):  # --out-dir may be on tmpfs: free it first
@@ -636,9 +627,69 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(work, ignore_errors=True)
             else:
                 shutil.rmtree(hf_dir, ignore_errors=True)
+    return report
+
+
+def suite_rows(quick: bool = False) -> dict[str, dict]:
+    """The suite's `convert_vs_copy` (the slower direction's throughput / the raw copy measured
+    right before it) and `convert_memory` (the larger direction's peak RSS / model bytes) rows,
+    default model (Qwen2-1.5B shape, bf16), warm cache. The split behind each: per direction the
+    wall seconds, CPU seconds, the import-only process's seconds / RSS (the floor every
+    conversion pays) and the copy's seconds."""
+    report = measure(quick=quick)
+    if not report["round_trip"]["exact"]:
+        raise RuntimeError("the HF -> Megatron -> HF round trip is not bit-exact: the conversions measured are wrong")
+    rows = {r["direction"]: r for r in report["results"]}
+    imports = report["import_only"]
+    model = report["model"]
+    note = (f"--quick: a {model['num_parameters'] / 1e9:.2f}B model; the targets are for >= 1.5B (fixed import and "
+            "start-up costs dominate a small model)") if quick else None
+    slow = min(rows.values(), key=lambda r: r["throughput_ratio_vs_raw_copy"])
+    big = max(rows.values(), key=lambda r: r["peak_rss_ratio"])
+    time_split = "; ".join(
+        f"{r['direction']} {r['seconds']:.1f} s wall, {r['cpu_seconds']:.1f} CPU s (importing alone: "
+        f"{imports['seconds']:.1f} s wall) vs its copy {r['bytes'] / r['raw_copy_bytes_per_second']:.1f} s"
+        for r in rows.values())
+    memory_split = "; ".join(
+        f"{r['direction']} {_gb(r['peak_rss_bytes'])} = import floor {_gb(r['import_rss_bytes'])} + "
+        f"{_gb(r['peak_rss_minus_import_bytes'])}" for r in rows.values())
+    details = {"model": {k: model[k] for k in ("architecture", "num_parameters", "model_bytes", "largest_tensor")},
+               "directions": rows, "import_only": {"seconds": imports["seconds"], "peak_rss_bytes": imports["peak_rss_bytes"]},
+               "round_trip_exact": report["round_trip"]["exact"]}
+    return {
+        "convert_vs_copy": row(slow["throughput_ratio_vs_raw_copy"], details, time_split, note),
+        "convert_memory": row(big["peak_rss_ratio"], details, memory_split, note),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report: dict = {}
+    try:
+        measure(args.config, args.quick, args.dtype, args.shard_size, args.nproc, args.cache, args.work_dir,
+                args.out_dir, args.keep, not args.no_verify, args.seed, report)
+    finally:
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            print(f"wrote {args.json}")
+    rows, model, imports = report["results"], report["model"], report["import_only"]
+    print()
+    print(f"{model['architecture']} {model['num_parameters'] / 1e9:.3f}B params, {args.dtype}, model "
+          f"{_gb(model['model_bytes'])}, largest tensor {_gb(model['largest_tensor']['bytes'])}, cache {args.cache}, "
+          f"raw read = readinto 64 MiB blocks of every shard file, outputs in {report['out_dir']}")
+    print_table(rows, report["meaningful"])
+    print(f"informational: mcore-to-hf vs a raw read of its own input (.distcp files): ratio "
+          f"{rows[1]['throughput_ratio_vs_input_read']:.3f}; vs a raw copy (read + write + fsync) measured right "
+          "before each: " + ", ".join(f"{r['direction']} {r['throughput_ratio_vs_raw_copy']:.3f} "
+                                      f"({r['raw_copy_bytes_per_second'] / 1e9:.3f} GB/s)" for r in rows))
+    print(f"import-only process: peak RSS {_gb(imports['peak_rss_bytes'])}, {imports['seconds']:.1f}s wall "
+          "(included in every conversion's peak RSS and seconds)")
+    print("load average (1 min) at start / end: "
+          f"{report['load_average_start'][0]:.1f} / {report['load_average_end'][0]:.1f} on {os.cpu_count()} CPUs"
+          " (wall-time ratios are unreliable when it exceeds the CPU count)")
     if not report.get("round_trip", {"exact": True})["exact"]:
         return 1  # a conversion that is not bit-exact measured the wrong thing
-    if args.strict and meaningful and not report["all_pass"]:
+    if args.strict and report["meaningful"] and not report["all_pass"]:
         return 1
     return 0
 

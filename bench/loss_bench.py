@@ -38,7 +38,9 @@ Run (from the repository root):
     PYTHONPATH=. python bench/loss_bench.py --quick       # 1 x 128 tokens: smoke test of the script
     PYTHONPATH=. python bench/loss_bench.py --json out.json
 
-`measure(...)` returns the two ratios and the baseline's details for a suite runner.
+`measure(...)` returns the two ratios and the baseline's details; `suite_rows(quick)` gives the
+suite's (`bench/run.py`) `loss_time` and `loss_memory` rows, with a profile split of one run of each
+loss where a target is missed.
 """
 
 from __future__ import annotations
@@ -60,8 +62,11 @@ from typing import Any, Iterator
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+
+from suite import describe_split, profile_split, row  # noqa: E402
 
 MEMORY_TARGET = 1.1  # RIFT / Megatron peak allocated bytes, at most
 TIME_TARGET = 1.15  # RIFT / Megatron median seconds, at most
@@ -214,6 +219,39 @@ def measure(batch: int, seq: int, vocab: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def suite_rows(quick: bool = False) -> dict[str, dict]:
+    """The suite's `loss_time` and `loss_memory` rows (run.py holds the targets). A profile split
+    of one run of each loss is measured only when this run's ratios miss the targets, as the cause."""
+    size = QUICK if quick else FULL
+    result = measure(**size)
+    if result["loss_time"] > TIME_TARGET:
+        result["profile"] = measure_profiles(size)
+    base, rift = result["losses"]["megatron"], result["losses"]["rift"]
+    time_cause = memory_cause = None
+    if result["loss_time"] > TIME_TARGET:
+        time_cause = (f"fastest runs {rift['best_s']:.3f} s vs {base['best_s']:.3f} s (median CPU-second ratio "
+                      f"{result['loss_cpu_time']:.3f}); {describe_split('rift', result['profile']['rift'])}; "
+                      f"{describe_split('megatron', result['profile']['megatron'])}")
+    if result["loss_memory"] > MEMORY_TARGET:
+        memory_cause = (f"peak {rift['peak_in_fp32_logits']:.2f} vs {base['peak_in_fp32_logits']:.2f} fp32 logits; "
+                        f"logits-sized allocations {rift['fp32_logits_sized_allocations']} vs "
+                        f"{base['fp32_logits_sized_allocations']}")
+    shape = f"{size['batch']} x {size['seq']} tokens, vocabulary {size['vocab']}"
+    note = f"--quick: {shape} (the full run: {FULL['batch']} x {FULL['seq']})" if quick else None
+    return {"loss_time": row(result["loss_time"], result, time_cause, note),
+            "loss_memory": row(result["loss_memory"], {"shape": result["shape"], "losses": {
+                name: {k: v for k, v in d.items() if k != "wall_s"} for name, d in result["losses"].items()}},
+                memory_cause, note)}
+
+
+def measure_profiles(size: dict[str, int]) -> dict[str, list[dict[str, Any]]]:
+    """The profile split of one run of `rift` and of `megatron` on the same case as `measure`."""
+    output, micro = make_case(size["batch"], size["seq"], size["vocab"])
+    with megatron_world() as tp_group:
+        losses = loss_functions(micro, size["vocab"], tp_group)
+        return {name: profile_split(_chain(output, losses[name])) for name in ("rift", "megatron")}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 x 128 tokens, 2 repeats: a smoke test of the script")
@@ -235,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shape {size['batch']} x {size['seq']} x vocab {size['vocab']}, bf16 output -> fp32 upcast -> loss "
           f"-> backward; {size['repeats']} repeats, {result['torch_threads']} torch threads")
     print(f"{'loss':<10} {'peak GiB':>9} {'x fp32 logits':>14} {'median s':>9} {'best s':>7} {'cpu s':>7}")
-    for name, row in result["losses"].items():
-        print(f"{name:<10} {row['peak_bytes'] / 2**30:>9.3f} {row['peak_in_fp32_logits']:>14.3f} "
-              f"{row['median_s']:>9.3f} {row['best_s']:>7.3f} {row['median_cpu_s']:>7.3f}")
+    for name, loss in result["losses"].items():
+        print(f"{name:<10} {loss['peak_bytes'] / 2**30:>9.3f} {loss['peak_in_fp32_logits']:>14.3f} "
+              f"{loss['median_s']:>9.3f} {loss['best_s']:>7.3f} {loss['median_cpu_s']:>7.3f}")
     for key, target in result["targets"].items():
         verdict = "PASS" if result[key] <= target else "FAIL"
         print(f"{key:<12} {result[key]:.3f} (target <= {target}) {verdict}")
