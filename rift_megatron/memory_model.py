@@ -58,6 +58,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rift_megatron.config.runtime import engine_dtype, offload_switches
 from rift_megatron.models.vocab import padded_vocab_size
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ DEFAULT_PROMPT_TOKENS = 1024
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _ENGINE_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# The trainer state's parts by the offload switch that releases each (config.runtime.offload_switches).
+_OFFLOADED_BY = {"weights": "params", "grads": "grads", "optimizer": "optimizer"}
 
 
 @dataclass(frozen=True)
@@ -315,12 +318,13 @@ def estimate(cfg: RiftConfig, arch: ModelArchitecture, world_size: int, gpu_memo
     row = tokens_per_micro_batch(cfg, prompt_tokens) // (1 if t.max_tokens_per_micro_batch else t.micro_batch_size)
     gpu, reserve = int(gpu_memory_gib * GIB), int(CUDA_RESERVE_GIB * GIB)
     r = cfg.rollout
-    engine_bytes = _ENGINE_DTYPE_BYTES.get(r.engine_dtype, _DTYPE_BYTES[dtype])
+    engine_bytes = _ENGINE_DTYPE_BYTES[engine_dtype(cfg)]
     engine_weights = arch.num_parameters() * engine_bytes // r.engine_tensor_parallel
     engine_budget = int(r.gpu_memory_utilization * gpu)
     engine_activations = int(ENGINE_ACTIVATION_GIB * GIB)
     kv_cache = max(0, engine_budget - engine_weights - engine_activations)
     asleep = 0 if r.enable_sleep_mode else engine_budget
+    switches = offload_switches(cfg, cuda=True)
 
     def stage_figures(stage: int) -> _Stage:
         state = trainer_state(stage_parameters(arch, layout, stage), dtype, layout.data,
@@ -328,8 +332,7 @@ def estimate(cfg: RiftConfig, arch: ModelArchitecture, world_size: int, gpu_memo
         acts = int(activation_bytes(arch, layout, tokens, micro_batches, t.recompute, t.recompute_num_layers,
                                     dtype, stage, flash_attention=flash_attention, sequence_length=row))
         logits = logprob_buffer_bytes(arch, layout, tokens, dtype) if stage == layout.pipeline - 1 else 0
-        kept = {"weights": r.param_offload, "grads": r.grad_offload, "optimizer": r.optimizer_offload}
-        resident = sum(getattr(state, part) for part, switch in kept.items() if switch is False)
+        resident = sum(getattr(state, part) for part, switch in _OFFLOADED_BY.items() if not switches[switch])
         return _Stage(state, acts, logits, resident)
 
     stages = [stage_figures(stage) for stage in range(layout.pipeline)]

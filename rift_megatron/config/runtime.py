@@ -29,6 +29,7 @@ __all__ = [
     "to_engine_config",
     "to_eval_sampling_config",
     "to_loss_settings",
+    "offload_switches",
     "to_offload_parts",
     "to_optim_config",
     "to_overlap_request",
@@ -197,16 +198,22 @@ def to_engine_config(cfg: RiftConfig, max_model_len: int | None = None, resuming
 _ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def offload_switches(cfg: RiftConfig, cuda: bool) -> dict[str, bool]:
+    """`rollout.param_offload` / `grad_offload` / `optimizer_offload` as {"params", "grads",
+    "optimizer"}, each null meaning "on with CUDA": on a GPU the trainer's memory is what the
+    co-located engine's KV cache needs; on the CPU the offload would only copy host memory to host
+    memory (the tests switch it on there). `cuda`: whether the run is (or is planned) on a GPU."""
+    r = cfg.rollout
+    return {part: cuda if value is None else value for part, value in
+            (("params", r.param_offload), ("grads", r.grad_offload), ("optimizer", r.optimizer_offload))}
+
+
 def to_offload_parts(cfg: RiftConfig) -> OffloadParts:
-    """`rollout.param_offload` / `grad_offload` / `optimizer_offload`, each null meaning "on with
-    CUDA": on a GPU the trainer's memory is what the co-located engine's KV cache needs; on the
-    CPU the offload would only copy host memory to host memory (the tests switch it on there)."""
+    """The offload switches on this machine (`offload_switches`)."""
     from rift_megatron.platform import current_platform
     from rift_megatron.training.offload import OffloadParts
 
-    r, default = cfg.rollout, current_platform().is_cuda
-    return OffloadParts(**{part: default if value is None else value for part, value in
-                           (("params", r.param_offload), ("grads", r.grad_offload), ("optimizer", r.optimizer_offload))})
+    return OffloadParts(**offload_switches(cfg, current_platform().is_cuda))
 
 
 def engine_dtype(cfg: RiftConfig) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from rift_megatron.config.checks import world_problems
+from rift_megatron.config.runtime import offload_switches
 from rift_megatron.config.schema import (
     DataConfig,
     ModelConfig,
@@ -143,10 +144,12 @@ def evaluate_config(request: PlanRequest, cfg: RiftConfig, layout: Layout) -> La
     """The figures of `cfg` (whose sizes are `layout`'s) for `request`'s cluster and workload."""
     usable = int((request.gpu_memory_gib - request.headroom_gib) * GIB)
     utilization, memory, waves = _rollout_figures(request, cfg, usable)
-    push_bytes = memory.engine_weights * (1 if layout.engine_tensor == layout.tensor else layout.engine_tensor)
-    r = cfg.rollout  # offload switches: null is on with CUDA; gradients are freed, not copied
-    offload_bytes = ((memory.trainer_weights if r.param_offload is not False else 0)
-                     + (memory.trainer_optimizer if r.optimizer_offload is not False else 0))
+    # the shard path (rollout/weight_sync.py push_path: sync_path auto, engine TP = trainer TP) receives
+    # the engine's own shard, the gather path the whole model
+    shard = cfg.rollout.sync_path == "auto" and layout.engine_tensor == layout.tensor
+    push_bytes = memory.engine_weights * (1 if shard else layout.engine_tensor)
+    switches = offload_switches(cfg, cuda=True)  # gradients are freed, not copied
+    offload_bytes = (memory.trainer_weights * switches["params"] + memory.trainer_optimizer * switches["optimizer"])
     micro_batches = request.prompts_per_step * request.k // (layout.data * layout.micro_batch_size)
     sizes = Parallelism(tensor=layout.tensor, pipeline=layout.pipeline, virtual_pipeline=layout.virtual_pipeline,
                         context=layout.context, data=layout.data, hidden_size=request.arch.hidden_size,

@@ -3,6 +3,7 @@ examples quote, what their tests check."""
 
 from __future__ import annotations
 
+from rift_megatron.config.runtime import offload_switches
 from rift_megatron.config.schema import RiftConfig
 from rift_megatron.memory_model import DEFAULT_PROMPT_TOKENS, H100_80GB_GIB, layout_of
 from rift_megatron.models.hf_config import ModelArchitecture
@@ -13,13 +14,13 @@ GPUS_PER_NODE = 8
 
 
 def config_layout(cfg: RiftConfig, world: int) -> Layout:
-    """The planner's Layout of `cfg` on `world` ranks (offload: any switch not false, null is on with CUDA)."""
+    """The planner's Layout of `cfg` on `world` ranks (offload: any switch on, as on CUDA)."""
     sizes, r = layout_of(cfg, world), cfg.rollout
     return Layout(tensor=sizes.tensor, pipeline=sizes.pipeline, virtual_pipeline=sizes.virtual_pipeline,
                   context=sizes.context, data=sizes.data, sequence_parallel=sizes.sequence_parallel,
                   micro_batch_size=cfg.training.micro_batch_size, recompute=cfg.training.recompute,
                   engine_tensor=r.engine_tensor_parallel,
-                  offload=any(switch is not False for switch in (r.param_offload, r.grad_offload, r.optimizer_offload)))
+                  offload=any(offload_switches(cfg, cuda=True).values()))
 
 
 def predict(cfg: RiftConfig, arch: ModelArchitecture, world: int, gpus_per_node: int = GPUS_PER_NODE,

@@ -115,6 +115,22 @@ def test_every_layout_divides_the_world_and_the_model_and_the_fastest_fitting_on
     assert plan.layouts[0] is best
 
 
+def test_push_volume_follows_the_trainers_push_path():
+    """The shard path (sync_path auto, engine TP = trainer TP) receives the engine's own shard, the
+    gather path (sync_path gather, or another engine TP) the whole model: rollout/weight_sync.py push_path."""
+    from rift_megatron.planner.predict import predict
+
+    arch, whole = parse_hf_config(LLAMA31_8B), parse_hf_config(LLAMA31_8B).num_parameters() * 2 / GIB
+    base = ["model.dtype=bf16", "parallel.tensor=2", "parallel.sequence_parallel=true", "data.prompts_per_step=64",
+            "rollout.k=8", "training.global_batch_size=512", "training.micro_batch_size=1", "rollout.max_tokens=1024"]
+    shard = predict(load_config(None, base + ["rollout.engine_tensor_parallel=2"]), arch, 8)
+    gather = predict(load_config(None, base + ["rollout.engine_tensor_parallel=2", "rollout.sync_path=gather"]), arch, 8)
+    other = predict(load_config(None, base + ["rollout.engine_tensor_parallel=4"]), arch, 8)
+    assert shard.push_gib_per_gpu == pytest.approx(whole / 2)
+    assert gather.push_gib_per_gpu == pytest.approx(whole) and other.push_gib_per_gpu == pytest.approx(whole)
+    assert gather.step.push == pytest.approx(2 * shard.step.push)
+
+
 def test_step_time_is_the_flop_model_it_states():
     """Each term against the arithmetic the planner's docstring states (an independent recomputation)."""
     hw, n, world = Hardware(), 70_000_000_000, 64
