@@ -42,24 +42,22 @@ RESOLUTION = 0.03
 def _rank(plan: LayoutPlan) -> tuple:
     """Fitting layouts first, fastest first (among equals the least model parallelism, then the
     least memory); then the others, the least memory first (the nearest to fitting)."""
-    lay = plan.layout
     if not plan.feasible:
         return (1, plan.per_gpu_memory_gib)
-    return (0, plan.step.total, lay.tensor * lay.context * lay.pipeline, plan.per_gpu_memory_gib)
+    return (0, plan.step.total, plan.layout.model_parallel, plan.per_gpu_memory_gib)
 
 
 def _recommend(fitting: list[LayoutPlan]) -> LayoutPlan:
     """The fastest predicted, or one within RESOLUTION of it with less model parallelism or more free memory."""
     fastest = fitting[0].step.total
     close = [p for p in fitting if p.step.total <= fastest * (1 + RESOLUTION)]
-    return min(close, key=lambda p: (p.layout.tensor * p.layout.context * p.layout.pipeline,
-                                     p.layout.virtual_pipeline or 1, round(p.per_gpu_memory_gib), p.step.total))
+    return min(close, key=lambda p: (p.layout.model_parallel, p.layout.virtual_pipeline or 1,
+                                     round(p.per_gpu_memory_gib), p.step.total))
 
 
 def make_plan(request: PlanRequest) -> Plan:
     """Evaluate every layout of `request`; recommend the fastest predicted one that fits."""
-    evaluated = sorted((p for p in map(lambda lay: evaluate(request, lay), layouts(request)) if p is not None),
-                       key=_rank)
+    evaluated = sorted((p for p in (evaluate(request, lay) for lay in layouts(request)) if p is not None), key=_rank)
     if not evaluated:
         return Plan(request, [], None, f"no layout splits the model, the world of {request.world} GPUs and a rollout "
                                        f"of {request.prompts_per_step} prompts x {request.k} samples: check the "

@@ -79,6 +79,11 @@ class Layout:
     engine_tensor: int
     offload: bool
 
+    @property
+    def model_parallel(self) -> int:
+        """Ranks one model replica spans (TP x CP x PP): what the planner breaks ties against."""
+        return self.tensor * self.context * self.pipeline
+
     def name(self) -> str:
         vpp = f" VPP{self.virtual_pipeline}" if self.virtual_pipeline else ""
         cp = f" CP{self.context}" if self.context > 1 else ""
